@@ -1,0 +1,1 @@
+"""Benchmark harness shared by `python -m posattn bench` and bench/."""

@@ -1,0 +1,2 @@
+"""nn modules for ecoformer."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""nn modules for kernelized_rpe."""
+__all__: list = []

@@ -1,0 +1,1 @@
+"""One module per op: validation, dispatch and autograd glue (functional.py re-exports)."""

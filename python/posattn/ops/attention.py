@@ -1,0 +1,2 @@
+"""attention op: public function(s), checks, dispatch, autograd."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""decode op: public function(s), checks, dispatch, autograd."""
+__all__: list = []

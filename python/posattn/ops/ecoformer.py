@@ -1,0 +1,2 @@
+"""ecoformer op: public function(s), checks, dispatch, autograd."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""kernelized_rpe op: public function(s), checks, dispatch, autograd."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""rotary op: public function(s), checks, dispatch, autograd."""
+__all__: list = []

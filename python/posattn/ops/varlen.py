@@ -1,0 +1,2 @@
+"""varlen op: public function(s), checks, dispatch, autograd."""
+__all__: list = []
