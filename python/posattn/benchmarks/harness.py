@@ -1,0 +1,310 @@
+"""One benchmark harness for every op (STYLE.md "Benchmarks").
+
+A benchmark is a list of :class:`Case` objects. Each case carries a ``setup() -> (fn, inputs)``
+that builds the inputs once and returns a callable; the same setup serves the speed run
+(:func:`time_fn`) and the memory run (:func:`peak_memory`). A case may carry a ``check``
+callable returning the max abs error against the float64 reference (the ``--check`` pass).
+
+Timing
+------
+* CUDA: ``triton.testing.do_bench`` (median, p20, p80 over repeated launches, with its L2 flush).
+* CPU: ``time.perf_counter`` around the call after warm-up, median/p20/p80 over repeats.
+Benchmarks never assert times; results are rows in a table and a CSV.
+
+FLOPs
+-----
+``attention_flops``: 4 * Sq * Sk * d * H * B for a full mask, counted exactly under a causal
+(or windowed) mask by the number of visible (i, j) pairs; backward counts 2.5x forward.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and bytes
+# ---------------------------------------------------------------------------------------------
+def visible_pairs(seqlen_q: int, seqlen_k: int, *, causal: bool = False, offset: int = 0,
+                  window: tuple[int, int] = (-1, -1)) -> int:
+    """Number of (i, j) pairs a query/key mask lets through (exact, O(seqlen_q)).
+
+    Key j is visible to query i iff ``lo(i) <= j <= hi(i)`` with ``hi = i + offset`` under
+    ``causal`` (offset 0 top-left, Sk - Sq bottom-right) and the window bounds around ``i + offset``.
+    """
+    left, right = window
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    total = 0
+    for i in range(seqlen_q):
+        c = i + offset
+        hi = seqlen_k - 1 if right < 0 else min(seqlen_k - 1, c + right)
+        lo = 0 if left < 0 else max(0, c - left)
+        if hi >= lo:
+            total += hi - lo + 1
+    return total
+
+
+def attention_flops(batch: int, heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
+                    head_dim_v: Optional[int] = None, *, causal: bool = False, offset: int = 0,
+                    window: tuple[int, int] = (-1, -1), mode: str = "fwd") -> float:
+    """FLOPs of softmax attention: 2*pairs*d (QK^T) + 2*pairs*dv (PV) per head; bwd = 2.5x fwd."""
+    dv = head_dim if head_dim_v is None else head_dim_v
+    if not causal and window == (-1, -1):
+        pairs = seqlen_q * seqlen_k
+    else:
+        pairs = visible_pairs(seqlen_q, seqlen_k, causal=causal, offset=offset, window=window)
+    fwd = 2.0 * pairs * (head_dim + dv) * heads * batch
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd}[mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, *, min_time_s: float = 0.2,
+            max_reps: int = 50, warmup: int = 1) -> Timing:
+    """Median/p20/p80 wall time of ``fn()`` in milliseconds on ``device``."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+        q = do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return Timing(q[0], q[1], q[2], -1)
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < max_reps:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > min_time_s and len(times) >= 3:
+            break
+    times.sort()
+
+    def pct(p):
+        return times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
+
+    return Timing(statistics.median(times), pct(0.2), pct(0.8), len(times))
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak extra memory of one call in bytes: CUDA allocator peak, or CPU tracemalloc peak.
+
+    On CPU, torch's allocations go through the system allocator, which ``tracemalloc`` does not
+    see; we therefore use torch's CPU profiler memory accounting when available, and fall back to
+    tracemalloc (Python-level allocations only) otherwise. Reported as a relative figure.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # running sum of allocations/frees in event order gives the peak of live extra memory
+    events = sorted((e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
+                    key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    if peak == 0:
+        tracemalloc.start()
+        fn()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+# ---------------------------------------------------------------------------------------------
+# Cases and results
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Case:
+    """One row of a benchmark: an op on a shape with one provider.
+
+    setup() -> (fn, inputs): builds inputs once and returns a zero-arg callable.
+    check(fn_output) -> max abs error vs the float64 reference (optional).
+    baseline: the provider whose time this row's ratio is against (same op and shape).
+    """
+    op: str
+    shape: str
+    provider: str
+    setup: Callable[[], tuple]
+    dtype: str = "float32"
+    mode: str = "fwd"
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    check: Optional[Callable[[object], float]] = None
+    baseline: Optional[str] = None
+    note: str = ""
+    tokens: Optional[Callable[[], int]] = None  # tokens per call, read after setup (adds tok/s)
+
+
+@dataclasses.dataclass
+class Result:
+    op: str
+    shape: str
+    provider: str
+    dtype: str
+    mode: str
+    status: str
+    max_err: Optional[float] = None
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    ratio: Optional[float] = None        # baseline time / this time (>1: faster than baseline)
+    tflops: Optional[float] = None
+    gbps: Optional[float] = None
+    peak_mb: Optional[float] = None
+    baseline: Optional[str] = None
+    note: str = ""
+
+
+def run_case(case: Case, device: torch.device, *, check: bool = True, memory: bool = False,
+             min_time_s: float = 0.2) -> Result:
+    res = Result(case.op, case.shape, case.provider, case.dtype, case.mode, "ok",
+                 baseline=case.baseline, note=case.note)
+    try:
+        fn, _inputs = case.setup()
+        out = fn()
+        if check and case.check is not None:
+            res.max_err = float(case.check(out))
+        del out
+        t = time_fn(fn, device, min_time_s=min_time_s)
+        res.median_ms, res.p20_ms, res.p80_ms = t.median_ms, t.p20_ms, t.p80_ms
+        if case.flops:
+            res.tflops = case.flops / (t.median_ms * 1e-3) / 1e12
+        if case.tokens is not None:
+            res.note = f"{case.tokens() / (t.median_ms * 1e-3):,.0f} tok/s" + (f"; {res.note}" if res.note else "")
+        if case.bytes:
+            res.gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
+        if memory:
+            res.peak_mb = peak_memory(fn, device) / 2**20
+    except NotImplementedError as err:
+        res.status = f"not built yet ({err})" if str(err) else "not built yet"
+    except Exception as err:  # a failing provider is a row, not a crash of the whole table
+        res.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    finally:
+        gc.collect()
+    return res
+
+
+def fill_ratios(results: list[Result]) -> None:
+    """ratio = baseline median / this median, for rows of the same op, shape, dtype and mode."""
+    index = {(r.op, r.shape, r.dtype, r.mode, r.provider): r for r in results}
+    for r in results:
+        if r.baseline and r.median_ms:
+            b = index.get((r.op, r.shape, r.dtype, r.mode, r.baseline))
+            if b is not None and b.median_ms:
+                r.ratio = b.median_ms / r.median_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment and output
+# ---------------------------------------------------------------------------------------------
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} (torch threads {torch.get_num_threads()})"
+
+
+def git_sha() -> str:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    from posattn import __version__
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": device_name(device), "torch": torch.__version__, "triton": tv,
+            "posattn": __version__, "git_sha": git_sha()}
+
+
+def write_csv(results: list[Result], path: str | Path, env: dict) -> Path:
+    """Append rows (with device, versions, git sha) to a CSV; writes the header for a new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(env) + [f.name for f in dataclasses.fields(Result)]
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        if new:
+            w.writeheader()
+        for r in results:
+            w.writerow({**env, **dataclasses.asdict(r)})
+    return path
+
+
+def _fmt(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def to_rows(results: list[Result]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        rows.append([r.op, r.shape, r.provider, r.dtype, r.mode,
+                     _fmt(r.max_err, ".1e"), _fmt(r.median_ms, ".3f"),
+                     f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}" if r.p20_ms is not None else "",
+                     (f"{r.ratio:.2f}x vs {r.baseline}" if r.ratio is not None else ""),
+                     _fmt(r.tflops, ".3f") if r.tflops is not None else "",
+                     _fmt(r.gbps, ".1f") if r.gbps is not None else "",
+                     _fmt(r.peak_mb, ".1f") if r.peak_mb is not None else "",
+                     r.status if r.status != "ok" else (r.note or "ok")])
+    return rows
+
+
+HEADER = ["op", "shape", "backend", "dtype", "mode", "max err", "ms (median)", "p20-p80", "ratio",
+          "TFLOP/s", "GB/s", "peak MB", "status"]
+
+
+def markdown_table(results: list[Result], env: dict) -> str:
+    lines = [f"Measured {env['date']} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+             f"posattn {env['posattn']} @ {env['git_sha']}).", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for row in to_rows(results):
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(results: list[Result], env: dict, title: str = "posattn bench") -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"{title} — {env['device']} — {env['date']}")
+    for h in HEADER:
+        table.add_column(h, overflow="fold")
+    for row in to_rows(results):
+        table.add_row(*row)
+    Console(width=max(160, int(os.environ.get("COLUMNS", "160")))).print(table)
