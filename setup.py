@@ -43,6 +43,7 @@ else:
 setup(
     package_dir={"posattn": "python/posattn", "posattn.triton_kernels": "triton_kernels"},
     packages=["posattn", "posattn.ops", "posattn.nn", "posattn.integrations", "posattn.benchmarks", "posattn.triton_kernels"],
+    package_data={"posattn": ["data/*.txt"]},  # varlen: sample sentences (python/posattn/data)
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
