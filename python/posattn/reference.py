@@ -13,6 +13,555 @@ import math
 import torch
 
 # ==== section: positional encodings and dense attention (ALGORITHMS.md 5.1-5.7) ====
+#
+# Conventions of this section (shared with python/posattn/positional.py and the torch backend):
+#
+# * Dense attention layout is torch's ``(batch, heads, seq, head_dim)``.
+# * Positions: query row ``i`` sits at ``pq = i + offset`` and key ``j`` at ``pk = j``
+#   (``offset = 0``: top-left, torch SDPA; ``offset = seqlen_k - seqlen_q``: bottom-right, FlashAttention).
+#   RoPE ``position_ids`` replace these *rotation* positions only; masks and every relative bias
+#   use the index positions ``pk - pq``.
+# * The PE helpers are dtype-generic (they compute in the dtype of their floating inputs, at least
+#   float32 for angles), so the torch backend can call them per chunk in float32; ``attention``
+#   upcasts everything to float64.
+
+
+def _angle_dtype(*ts) -> torch.dtype:
+    """float64 if any floating input is float64, else float32 (never fp16/bf16 for angles)."""
+    for t in ts:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
+
+
+def _scaling_get(scaling: dict, key: str, default=None):
+    v = scaling.get(key, default)
+    return default if v is None else v
+
+
+def rope_inv_freq(head_dim: int, theta: float = 10000.0, rotary_dim: int | None = None,
+                  scaling: dict | None = None, seqlen: int | None = None, *,
+                  dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """RoPE inverse frequencies ``theta_i = theta**(-2i/r)``, i = 0..r/2-1, after context scaling.
+
+    Parameters
+    ----------
+    head_dim : int
+        Head dimension ``d``; used as ``rotary_dim`` when that is None.
+    theta : float
+        RoPE base (10000; Llama-3: 500000).
+    rotary_dim : int or None
+        ``r``, even, ``2 <= r <= head_dim``; None means ``head_dim``.
+    scaling : dict or None
+        None (plain RoPE) or a Hugging Face ``rope_scaling``-style dict with ``"type"`` (or
+        ``"rope_type"``) in ``"linear"`` (theta_i / s), ``"ntk"`` (base * s**(r/(r-2))),
+        ``"dynamic"`` (base * (s*L/L0 - (s-1))**(r/(r-2)) when ``L = seqlen > L0``),
+        ``"llama3"`` (keys ``low_freq_factor`` = 1, ``high_freq_factor`` = 4,
+        ``original_max_position_embeddings`` = 8192) or ``"yarn"`` (``beta_fast`` = 32,
+        ``beta_slow`` = 1, ``original_max_position_embeddings``, ``truncate`` = True), and
+        ``"factor"`` = s. Formulas of transformers' ``modeling_rope_utils.py`` (ALGORITHMS.md 5.1).
+    seqlen : int or None
+        Current sequence length ``L``, used only by ``"dynamic"`` (None: no dynamic rescale).
+    dtype, device
+        Of the result (computed in float64, then cast).
+
+    Returns
+    -------
+    Tensor (r // 2,) of ``dtype``.
+
+    Examples
+    --------
+    >>> rope_inv_freq(8, 10000.0)
+    tensor([1.0000e+00, 1.0000e-01, 1.0000e-02, 1.0000e-03], dtype=torch.float64)
+    """
+    r = head_dim if rotary_dim is None else int(rotary_dim)
+    if r < 2 or r % 2 or r > head_dim:
+        raise ValueError(f"rotary_dim: expected an even int in [2, head_dim={head_dim}], got {r}")
+    base = float(theta)
+    exps = torch.arange(0, r, 2, dtype=torch.float64) / r
+    kind = None if scaling is None else scaling.get("type", scaling.get("rope_type"))
+    if kind in (None, "default"):
+        inv = base ** (-exps)
+    elif kind == "linear":
+        inv = base ** (-exps) / float(scaling["factor"])
+    elif kind in ("ntk", "dynamic"):
+        s = float(scaling["factor"])
+        if r <= 2:
+            raise ValueError(f"rotary_dim: NTK scaling needs rotary_dim > 2 (exponent r/(r-2)), got {r}")
+        if kind == "ntk":
+            base = base * s ** (r / (r - 2))
+        else:
+            l0 = int(scaling["original_max_position_embeddings"])
+            if seqlen is not None and seqlen > l0:
+                base = base * (s * seqlen / l0 - (s - 1)) ** (r / (r - 2))
+        inv = base ** (-exps)
+    elif kind == "llama3":
+        s = float(scaling["factor"])
+        lo = float(_scaling_get(scaling, "low_freq_factor", 1.0))
+        hi = float(_scaling_get(scaling, "high_freq_factor", 4.0))
+        l0 = float(_scaling_get(scaling, "original_max_position_embeddings", 8192))
+        inv = base ** (-exps)
+        wavelen = 2 * math.pi / inv
+        gamma = (l0 / wavelen - lo) / (hi - lo)
+        smoothed = (1 - gamma) * inv / s + gamma * inv
+        inv = torch.where(wavelen < l0 / hi, inv, torch.where(wavelen > l0 / lo, inv / s, smoothed))
+    elif kind == "yarn":
+        s = float(scaling["factor"])
+        l0 = float(scaling["original_max_position_embeddings"])
+        beta_fast = float(_scaling_get(scaling, "beta_fast", 32.0))
+        beta_slow = float(_scaling_get(scaling, "beta_slow", 1.0))
+
+        def correction_dim(rotations):  # dim index whose wavelength makes `rotations` turns over l0
+            return r * math.log(l0 / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if _scaling_get(scaling, "truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, r - 1)
+        if low == high:
+            high += 0.001  # avoid a zero-width ramp (as transformers does)
+        ramp = ((torch.arange(r // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp  # 1: keep theta_i (high frequencies); 0: interpolate theta_i / s
+        pos = base ** exps
+        inv = (1.0 / (s * pos)) * (1 - extrapolation) + (1.0 / pos) * extrapolation
+    else:
+        raise ValueError(f"scaling['type']: expected one of 'linear', 'ntk', 'dynamic', 'llama3', 'yarn', got {kind!r}")
+    return inv.to(dtype=dtype, device=device)
+
+
+def yarn_attention_factor(scaling: dict | None) -> float:
+    """YaRN's cos/sin multiplier: ``attention_factor`` if given, else ``0.1 ln s + 1`` (or the
+    ``mscale``/``mscale_all_dim`` ratio of transformers); 1.0 for s <= 1 or non-YaRN scaling."""
+    if scaling is None or scaling.get("type", scaling.get("rope_type")) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    s = float(scaling["factor"])
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(s, m) / mscale(s, m_all))
+    return float(mscale(s))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the angles ``positions[..., None] * inv_freq``.
+
+    positions: any shape, integer or float; inv_freq: (r//2,) or broadcastable to
+    ``positions.shape + (r//2,)``. Computed in float64 if either input is float64, else float32
+    (angles at p ~ 1e6 lose all precision in fp16/bf16). Returns two tensors ``positions.shape + (r//2,)``.
+    """
+    dt = _angle_dtype(positions, inv_freq)
+    ang = positions.to(dt).unsqueeze(-1) * inv_freq.to(dt)
+    return torch.cos(ang), torch.sin(ang)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate the first ``r = 2 * cos.shape[-1]`` features of ``x``; the rest pass through unchanged.
+
+    Parameters
+    ----------
+    x : Tensor (..., d), any layout: the caller makes ``cos``/``sin`` broadcast against it
+        (e.g. x (B, H, S, d) with cos (B or 1, 1, S, r/2), or x (B, S, H, d) with cos (B, S, 1, r/2)).
+    cos, sin : Tensor (..., r/2), broadcastable to ``x.shape[:-1] + (r/2,)``.
+    interleaved : bool
+        False: GPT-NeoX / Llama half-rotated pairs ``(i, i + r/2)``; True: GPT-J pairs ``(2i, 2i+1)``.
+
+    Each pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)`` (ALGORITHMS.md 5.1). The result has
+    the promoted dtype of x and cos; x is not modified.
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, 0.0, 5.0]])
+    >>> c, s = rope_cos_sin(torch.tensor([0]), torch.tensor([1.0]))
+    >>> apply_rotary(x, c, s)
+    tensor([[1., 0., 5.]])
+    """
+    half = cos.shape[-1]
+    r = 2 * half
+    if r > x.shape[-1]:
+        raise ValueError(f"cos: rotary_dim 2*{half}={r} exceeds the last dim of x ({x.shape[-1]})")
+    xr, rest = x[..., :r], x[..., r:]
+    if interleaved:
+        a, b = xr[..., 0::2], xr[..., 1::2]
+    else:
+        a, b = xr[..., :half], xr[..., half:]
+    ra = a * cos - b * sin
+    rb = a * sin + b * cos
+    if interleaved:
+        rot = torch.stack((ra, rb), dim=-1).flatten(-2)
+    else:
+        rot = torch.cat((ra, rb), dim=-1)
+    return torch.cat((rot, rest.to(rot.dtype)), dim=-1)
+
+
+def alibi_slopes(num_heads: int, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """ALiBi head slopes of Press et al. (arXiv 2108.12409), for any head count.
+
+    ``H = 2**k``: ``2**(-8h/H)``, h = 1..H. Otherwise with ``P = 2**floor(log2 H)``: the P slopes for P,
+    then the first ``H - P`` even-indexed slopes for 2P (ALGORITHMS.md 5.2). Returns (num_heads,).
+
+    >>> alibi_slopes(4)
+    tensor([0.2500, 0.0625, 0.0156, 0.0039], dtype=torch.float64)
+    """
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads: expected an int >= 1, got {num_heads!r}")
+
+    def pow2(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    vals = pow2(p) + pow2(2 * p)[0::2][: num_heads - p]
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def _relpos(pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    """``pk - pq``: (B or 1, Sq) and (B or 1, Sk) -> (B or 1, Sq, Sk), int64."""
+    return pk.long().unsqueeze(-2) - pq.long().unsqueeze(-1)
+
+
+def alibi_bias(slopes: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    """Symmetric ALiBi bias ``-slope_h * |pq - pk|`` (FlashAttention-2 convention).
+
+    slopes (H,) or (B, H); pq (B or 1, Sq); pk (B or 1, Sk). Returns (B or 1, H, Sq, Sk) in the
+    dtype of ``slopes`` (at least float32).
+    """
+    dt = torch.promote_types(slopes.dtype, torch.float32)
+    dist = _relpos(pq, pk).abs().to(dt).unsqueeze(-3)  # (B|1, 1, Sq, Sk)
+    s = slopes.to(dt)
+    s = s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(s.shape[0], s.shape[1], 1, 1)
+    return -s * dist
+
+
+def _toeplitz_gather(table: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """``table[h, clamp(pk - pq, -D, D) + D]`` -> (B or 1, H, Sq, Sk); differentiable in ``table``."""
+    idx = _relpos(pq, pk).clamp(-max_distance, max_distance) + max_distance  # (B|1, Sq, Sk)
+    return table[:, idx].movedim(0, 1)  # (H, B|1, Sq, Sk) -> (B|1, H, Sq, Sk)
+
+
+def relative_bias(table: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """Learned relative bias ``table[h, clamp(pk - pq, -D, D) + D]``; table (H, 2D+1).
+
+    Returns (B or 1, H, Sq, Sk) in the table's dtype (differentiable w.r.t. ``table``).
+    """
+    return _toeplitz_gather(table, pq, pk, max_distance)
+
+
+def t5_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
+              bidirectional: bool = True) -> torch.Tensor:
+    """T5 relative-position bucket of ``rel = pk - pq`` (key minus query), int64, same shape.
+
+    Same function as transformers' ``T5Attention._relative_position_bucket`` (ALGORITHMS.md 5.3),
+    including its float32 log; ``log(0)`` is never evaluated (n is clamped to >= 1 in the
+    log branch, which is only selected for n >= num_buckets/4 or /2).
+
+    >>> t5_bucket(torch.tensor([0, 1, -1, -20, 200]))
+    tensor([ 0, 17,  1, 10, 31])
+    """
+    rel = rel.long()
+    if bidirectional:
+        nb = num_buckets // 2
+        ret = (rel > 0).long() * nb
+        n = rel.abs()
+    else:
+        nb = num_buckets
+        ret = torch.zeros_like(rel)
+        n = (-rel).clamp(min=0)
+    exact = nb // 2
+    n_log = n.clamp(min=1).float()
+    large = exact + (torch.log(n_log / exact) / math.log(max_distance / exact) * (nb - exact)).long()
+    large = large.clamp(max=nb - 1)
+    return ret + torch.where(n < exact, n, large)
+
+
+def t5_bias(table: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, num_buckets: int = 32,
+            max_distance: int = 128, bidirectional: bool = True) -> torch.Tensor:
+    """T5 bias ``table[bucket(pk - pq), h]``; table (num_buckets, H). Returns (B or 1, H, Sq, Sk)."""
+    b = t5_bucket(_relpos(pq, pk), num_buckets, max_distance, bidirectional)  # (B|1, Sq, Sk)
+    return table[b].movedim(-1, 1)
+
+
+def xpos_zeta(head_dim: int, *, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """xPos per-pair decay base ``zeta_i = (2i + 0.4 d) / (1.4 d)``, i = 0..d/2-1 (torchscale)."""
+    i = torch.arange(0, head_dim, 2, dtype=dtype, device=device)
+    return (i + 0.4 * head_dim) / (1.4 * head_dim)
+
+
+def xpos_scale(positions: torch.Tensor, head_dim: int, scale_base: float = 512.0, center: float = 0.0) -> torch.Tensor:
+    """``zeta_i ** ((p - center) / scale_base)``: positions shape + (head_dim/2,); float64 if
+    ``positions`` is float64 else float32. Queries are multiplied by it, keys divided by it, so a
+    score carries ``zeta_i ** ((pq - pk) / scale_base)`` whatever ``center`` is."""
+    dt = _angle_dtype(positions)
+    z = xpos_zeta(head_dim, dtype=dt, device=positions.device)
+    return z ** ((positions.to(dt).unsqueeze(-1) - center) / scale_base)
+
+
+def xpos_rotate(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, scale_base: float = 512.0, *,
+                is_key: bool, center: float = 0.0) -> torch.Tensor:
+    """xPos (Sun et al., arXiv 2212.10554; torchscale ``XPOS``): interleaved RoPE over the full head_dim
+    with ``theta_i = theta**(-2i/d)``, each pair scaled by ``xpos_scale`` (queries) or its inverse (keys).
+
+    x (B, H, S, d) (or any (..., S, d)); positions broadcastable to x.shape[:-1] without the last
+    dim, i.e. (B or 1, S) for x (B, H, S, d) — it is unsqueezed at dim -2 for the heads.
+    """
+    d = x.shape[-1]
+    dt = _angle_dtype(x, positions)
+    p = positions.to(dt).unsqueeze(-2)  # (B|1, 1, S)
+    inv = rope_inv_freq(d, theta, dtype=dt, device=x.device)
+    cos, sin = rope_cos_sin(p, inv)
+    sc = xpos_scale(p, d, scale_base, center)
+    if is_key:
+        sc = 1.0 / sc
+    return apply_rotary(x, cos * sc, sin * sc, interleaved=True)
+
+
+def urpe_coeff(table: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, max_distance: int) -> torch.Tensor:
+    """URPE Toeplitz coefficients ``C = table[h, clamp(pk - pq, -D, D) + D]`` (Luo et al., arXiv 2205.13401);
+    table (H, 2D+1). Returns (B or 1, H, Sq, Sk); multiplies the softmax probabilities."""
+    return _toeplitz_gather(table, pq, pk, max_distance)
+
+
+def learned_phases(freqs: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """CARoPE phases (Veisi et al., arXiv 2507.23083): ``phase_i(m) = sum_{t<=m} freqs[..., t] ** i``,
+    i = 0..rotary_dim/2-1.
+
+    freqs (B, H, S) in (0, 1] -> (B, H, S, rotary_dim/2) in the dtype of ``freqs``; differentiable.
+    With constant ``freqs = theta**(-2/r)`` this is ``(m + 1) * theta_i`` (RoPE shifted by one position).
+
+    >>> learned_phases(torch.full((1, 1, 3), 0.5), 4)[0, 0]
+    tensor([[1.0000, 0.5000],
+            [2.0000, 1.0000],
+            [3.0000, 1.5000]])
+    """
+    i = torch.arange(rotary_dim // 2, dtype=freqs.dtype, device=freqs.device)
+    return torch.cumsum(freqs.unsqueeze(-1) ** i, dim=-2)
+
+
+def positions(batch: int, seqlen_q: int, seqlen_k: int, offset: int = 0, position_ids: torch.Tensor | None = None,
+              *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key positions: ``pq`` (B or 1, Sq), ``pk`` (B or 1, Sk), int64.
+
+    Without ``position_ids``: ``pq = arange(Sq) + offset``, ``pk = arange(Sk)`` (batch dim 1).
+    With ``position_ids`` (Sk,) or (B or 1, Sk): ``pk = position_ids`` and ``pq`` = the ids at key
+    indices ``i + offset``; every such index must lie in [0, Sk), else ValueError.
+    """
+    dev = device if position_ids is None else position_ids.device
+    iq = torch.arange(seqlen_q, device=dev) + int(offset)
+    ik = torch.arange(seqlen_k, device=dev)
+    if position_ids is None:
+        return iq.unsqueeze(0), ik.unsqueeze(0)
+    ids = position_ids.long()
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2 or ids.shape[-1] != seqlen_k or ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids: expected ({seqlen_k},) or (batch_size={batch} or 1, seqlen_k={seqlen_k}), "
+                         f"got {tuple(position_ids.shape)}")
+    if seqlen_q > 0 and (int(offset) < 0 or seqlen_q + int(offset) > seqlen_k):
+        raise ValueError(f"position_ids: query rows sit at key indices [{int(offset)}, {seqlen_q + int(offset)}), "
+                         f"outside the {seqlen_k} position ids given (seqlen_k)")
+    return ids[:, iq], ids
+
+
+def _rotary_positions(position, batch, seqlen_q, seqlen_k, offset, device):
+    ids = getattr(position, "position_ids", None)
+    return positions(batch, seqlen_q, seqlen_k, offset, ids, device=device)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
+              offset: int = 0, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+              attn_mask: torch.Tensor | None = None, position=None, dropout_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 dense attention with positional encodings: the truth for the fused kernels.
+
+    Parameters
+    ----------
+    q : Tensor (B, H, Sq, D), any float dtype (upcast to float64).
+    k : Tensor (B, Hkv, Sk, D); ``H % Hkv == 0`` (GQA: query head h reads kv head h // (H // Hkv)).
+    v : Tensor (B, Hkv, Sk, Dv).
+    scale : float or None
+        Logit scale; None means ``D ** -0.5``.
+    causal : bool
+        Key j visible to query i iff ``j <= i + offset``.
+    offset : int
+        Query position offset: 0 = top-left alignment (torch SDPA), ``Sk - Sq`` = bottom-right
+        (FlashAttention). Used by the causal mask, the window and every positional encoding::
+
+            Sq=2, Sk=4, causal     offset=0      offset=2
+                                   x . . .       x x x .
+                                   x x . .       x x x x
+    window_size : (left, right)
+        Keys ``i + offset - left <= j <= i + offset + right``; -1 means unbounded on that side.
+    softcap : float
+        0 = off; else the scaled logits become ``softcap * tanh(s / softcap)`` before any bias is
+        added (FlashAttention order).
+    attn_mask : Tensor or None
+        Broadcastable to (B, H, Sq, Sk) (torch SDPA rules): bool (True = attend) or float (added
+        to the logits after the positional bias).
+    position : None, a positional-encoding object of ``posattn.positional`` or a list of them
+        (see ``positional.parse_position``): one rotary (RoPE / XPos / LearnedPhaseRoPE) applied to q
+        and k at their positions; one additive bias (ALiBi / RelativeBias / T5Bias) added after
+        softcap; one URPE multiplying the probabilities after softmax (normaliser unchanged).
+    dropout_mask : bool Tensor broadcastable to (B, H, Sq, Sk) or None
+        Keep-mask; kept probabilities are scaled by ``1 / (1 - dropout_p)``. Required when
+        ``dropout_p > 0`` (the reference is deterministic).
+    dropout_p : float in [0, 1).
+
+    Returns
+    -------
+    out : float64 (B, H, Sq, Dv)
+    lse : float64 (B, H, Sq), natural-log logsumexp of the (biased, masked) logits, before URPE and
+        dropout. A fully masked row gives out 0 and lse -inf (never NaN, also in gradients).
+
+    Differentiable in float64 w.r.t. q, k, v, float masks and the positional tables/freqs (they are
+    used by reference).
+
+    Raises
+    ------
+    ValueError / TypeError naming the argument.
+
+    Examples
+    --------
+    >>> q = torch.randn(1, 2, 3, 4); k = torch.randn(1, 1, 5, 4); v = torch.randn(1, 1, 5, 4)
+    >>> out, lse = attention(q, k, v, causal=True)
+    >>> out.shape, lse.shape, out.dtype
+    (torch.Size([1, 2, 3, 4]), torch.Size([1, 2, 3]), torch.float64)
+    """
+    from . import positional as _pos  # local import: positional.py imports this module
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D tensor (batch, heads, seq, dim), got shape {tuple(t.shape)}")
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k: expected (batch_size={B}, num_heads_k, seqlen_k, head_dim={D}), got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, Hkv, Sk):
+        raise ValueError(f"v: expected (batch_size={B}, num_heads_k={Hkv}, seqlen_k={Sk}, head_dim_v), got {tuple(v.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k: num_heads={H} must be a multiple of num_heads_k, got num_heads_k={Hkv}")
+    if softcap < 0:
+        raise ValueError(f"softcap: expected >= 0 (0 = off), got {softcap}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and dropout_mask is None:
+        raise ValueError("dropout_mask: required when dropout_p > 0 (the reference is deterministic), got None")
+    left, right = window_size
+    spec = _pos.parse_position(position)
+    dev = q.device
+    f64 = torch.float64
+    scale = D ** -0.5 if scale is None else float(scale)
+
+    q64, k64, v64 = q.to(f64), k.to(f64), v.to(f64)
+    if Hkv != H:
+        k64 = k64.repeat_interleave(H // Hkv, dim=1)
+        v64 = v64.repeat_interleave(H // Hkv, dim=1)
+
+    # index positions (masks and biases): pq (1, Sq), pk (1, Sk)
+    iq, ik = positions(B, Sq, Sk, offset, device=dev)
+
+    rot = spec.rotary
+    if rot is not None:
+        if isinstance(rot, _pos.XPos):
+            if D % 2:
+                raise ValueError(f"{spec.names['rotary']}: XPos needs an even head_dim, got {D}")
+            center = float(Sk // 2)  # any common centre cancels in q.k; this keeps the factors near 1
+            q64 = xpos_rotate(q64, iq, rot.theta, rot.scale_base, is_key=False, center=center)
+            k64 = xpos_rotate(k64, ik, rot.theta, rot.scale_base, is_key=True, center=center)
+        elif isinstance(rot, _pos.LearnedPhaseRoPE):
+            r = rot.get_rotary_dim(D)
+            fr = rot.freqs
+            if fr.shape[0] not in (1, B) or fr.shape[1] != H or fr.shape[2] != Sk:
+                raise ValueError(f"{spec.names['rotary']}.freqs: expected (batch_size={B} or 1, num_heads={H}, seqlen_k={Sk}), "
+                                 f"got {tuple(fr.shape)}")
+            if Sq > 0 and (offset < 0 or Sq + offset > Sk):
+                raise ValueError(f"{spec.names['rotary']}.freqs: query rows sit at positions [{offset}, {Sq + offset}), outside "
+                                 f"the seqlen_k={Sk} learned phases")
+            ph = learned_phases(fr.to(dev, f64), r)  # (B|1, H, Sk, r/2)
+            phq = ph[:, :, iq[0]]
+            q64 = apply_rotary(q64, torch.cos(phq), torch.sin(phq), rot.interleaved)
+            k64 = apply_rotary(k64, torch.cos(ph), torch.sin(ph), rot.interleaved)
+        else:  # RoPE
+            r = rot.get_rotary_dim(D)
+            pq_r, pk_r = _rotary_positions(rot, B, Sq, Sk, offset, dev)
+            seqlen = Sk if rot.position_ids is None else int(rot.position_ids.max()) + 1
+            inv = rope_inv_freq(D, rot.theta, r, rot.scaling, seqlen, device=dev)
+            af = yarn_attention_factor(rot.scaling)
+            cq, sq_ = rope_cos_sin(pq_r.unsqueeze(1), inv)  # (B|1, 1, Sq, r/2)
+            ck, sk_ = rope_cos_sin(pk_r.unsqueeze(1), inv)
+            q64 = apply_rotary(q64, cq * af, sq_ * af, rot.interleaved)
+            k64 = apply_rotary(k64, ck * af, sk_ * af, rot.interleaved)
+
+    s = torch.matmul(q64, k64.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+
+    bias = spec.bias
+    if bias is not None:
+        if isinstance(bias, _pos.ALiBi):
+            b = alibi_bias(bias.slopes_for(B, H, dev).to(f64), iq, ik)
+        elif isinstance(bias, _pos.RelativeBias):
+            _check_table(f"{spec.names['bias']}.table", bias.table, (H, 2 * bias.max_distance + 1))
+            b = relative_bias(bias.table.to(dev, f64), iq, ik, bias.max_distance)
+        else:  # T5Bias
+            _check_table(f"{spec.names['bias']}.table", bias.table, (bias.num_buckets, H))
+            b = t5_bias(bias.table.to(dev, f64), iq, ik, bias.num_buckets, bias.max_distance, bias.bidirectional)
+        s = s + b
+
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=dev)
+    rel = _relpos(iq, ik)[0]  # (Sq, Sk): j - (i + offset)
+    if causal:
+        allowed &= rel <= 0
+    if left >= 0:
+        allowed &= rel >= -left
+    if right >= 0:
+        allowed &= rel <= right
+    allowed = allowed.expand(B, H, Sq, Sk)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask: expected a torch.Tensor or None, got {type(attn_mask).__name__}")
+        try:
+            torch.broadcast_shapes(attn_mask.shape, (B, H, Sq, Sk))
+        except RuntimeError:
+            raise ValueError(f"attn_mask: expected a shape broadcastable to (B={B}, H={H}, Sq={Sq}, Sk={Sk}), "
+                             f"got {tuple(attn_mask.shape)}") from None
+        if attn_mask.dtype == torch.bool:
+            allowed = allowed & attn_mask.to(dev)
+        else:
+            s = s + attn_mask.to(dev, f64)
+    s = s.masked_fill(~allowed, float("-inf"))
+
+    # softmax with an explicit guard for rows without a finite logit (never exp(-inf - (-inf)))
+    m = s.detach().amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # the max cancels; detach keeps grads exact
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    live = l > 0
+    l_safe = torch.where(live, l, torch.ones_like(l))
+    p = e / l_safe
+    lse = torch.where(live, m + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
+
+    if spec.urpe is not None:
+        u = spec.urpe
+        _check_table(f"{spec.names['urpe']}.table", u.table, (H, 2 * u.max_distance + 1))
+        p = p * urpe_coeff(u.table.to(dev, f64), iq, ik, u.max_distance)
+    if dropout_mask is not None:
+        if dropout_mask.dtype != torch.bool:
+            raise TypeError(f"dropout_mask: expected dtype bool (True = keep), got {dropout_mask.dtype}")
+        p = p * dropout_mask.to(dev) / (1.0 - dropout_p)
+    out = torch.matmul(p, v64)
+    return out, lse
+
+
+def _check_table(arg: str, table: torch.Tensor, shape: tuple) -> None:
+    if tuple(table.shape) != tuple(shape):
+        raise ValueError(f"{arg}: expected shape {tuple(shape)}, got {tuple(table.shape)}")
 
 # ==== end section: positional encodings and dense attention ====
 
