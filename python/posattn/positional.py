@@ -154,8 +154,8 @@ class RoPE:
 
     Examples
     --------
-    >>> RoPE(10000.0).inv_freq(8, "cpu")
-    tensor([1.0000e+00, 1.0000e-01, 1.0000e-02, 1.0000e-03])
+    >>> RoPE(10000.0).inv_freq(8, "cpu").dtype, RoPE(10000.0).inv_freq(8, "cpu").shape
+    (torch.float32, torch.Size([4]))
     >>> RoPE(scaling={"type": "linear", "factor": 2.0}).inv_freq(4, "cpu")
     tensor([0.5000, 0.0050])
     """

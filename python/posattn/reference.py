@@ -71,8 +71,8 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, rotary_dim: int | None 
 
     Examples
     --------
-    >>> rope_inv_freq(8, 10000.0)
-    tensor([1.0000e+00, 1.0000e-01, 1.0000e-02, 1.0000e-03], dtype=torch.float64)
+    >>> rope_inv_freq(8, 10000.0).tolist()
+    [1.0, 0.1, 0.01, 0.001]
     """
     r = head_dim if rotary_dim is None else int(rotary_dim)
     if r < 2 or r % 2 or r > head_dim:
@@ -233,7 +233,7 @@ def alibi_bias(slopes: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor) -> torc
     dist = _relpos(pq, pk).abs().to(dt).unsqueeze(-3)  # (B|1, 1, Sq, Sk)
     s = slopes.to(dt)
     s = s.view(1, -1, 1, 1) if s.dim() == 1 else s.view(s.shape[0], s.shape[1], 1, 1)
-    return -s * dist
+    return 0.0 - s * dist  # 0 - x, not -x: no -0.0 on the diagonal
 
 
 def _toeplitz_gather(table: torch.Tensor, pq: torch.Tensor, pk: torch.Tensor, max_distance: int) -> torch.Tensor:
@@ -502,17 +502,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
 
-    bias = spec.bias
-    if bias is not None:
-        if isinstance(bias, _pos.ALiBi):
-            b = alibi_bias(bias.slopes_for(B, H, dev).to(f64), iq, ik)
-        elif isinstance(bias, _pos.RelativeBias):
-            _check_table(f"{spec.names['bias']}.table", bias.table, (H, 2 * bias.max_distance + 1))
-            b = relative_bias(bias.table.to(dev, f64), iq, ik, bias.max_distance)
-        else:  # T5Bias
-            _check_table(f"{spec.names['bias']}.table", bias.table, (bias.num_buckets, H))
-            b = t5_bias(bias.table.to(dev, f64), iq, ik, bias.num_buckets, bias.max_distance, bias.bidirectional)
-        s = s + b
+    if spec.bias is not None:
+        s = s + _additive_bias(spec, B, H, iq, ik, dev, f64)
 
     allowed = torch.ones(Sq, Sk, dtype=torch.bool, device=dev)
     rel = _relpos(iq, ik)[0]  # (Sq, Sk): j - (i + offset)
@@ -559,6 +550,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     return out, lse
 
 
+def _additive_bias(spec, B, H, iq, ik, dev, dtype):
+    from . import positional as _pos
+
+    bias, name = spec.bias, spec.names["bias"]
+    if isinstance(bias, _pos.ALiBi):
+        try:
+            slopes = bias.slopes_for(B, H, dev)
+        except ValueError as err:
+            raise ValueError(str(err).replace("position.", f"{name}.", 1)) from None
+        return alibi_bias(slopes.to(dtype), iq, ik)
+    if isinstance(bias, _pos.RelativeBias):
+        _check_table(f"{name}.table", bias.table, (H, 2 * bias.max_distance + 1))
+        return relative_bias(bias.table.to(dev, dtype), iq, ik, bias.max_distance)
+    _check_table(f"{name}.table", bias.table, (bias.num_buckets, H))
+    return t5_bias(bias.table.to(dev, dtype), iq, ik, bias.num_buckets, bias.max_distance, bias.bidirectional)
+
+
+def position_bias(position, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_k: int, offset: int = 0,
+                  device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The additive positional bias of ``position`` as a dense tensor (for baselines and tests).
+
+    ``position``: an ALiBi / RelativeBias / T5Bias (or a list holding only such one); positions as in
+    ``attention`` (query row i at ``i + offset``). Returns (batch_size or 1, num_heads, seqlen_q,
+    seqlen_k) of ``dtype``, usable as a float ``attn_mask`` of torch SDPA. Raises ValueError naming
+    ``position`` for a rotary or URPE encoding (not expressible as an additive bias).
+
+    >>> position_bias(__import__("posattn").ALiBi(), batch_size=1, num_heads=2, seqlen_q=2, seqlen_k=2)[0, 0]
+    tensor([[ 0.0000, -0.0625],
+            [-0.0625,  0.0000]], dtype=torch.float64)
+    """
+    from . import positional as _pos
+
+    spec = _pos.parse_position(position)
+    if spec.rotary is not None or spec.urpe is not None or spec.bias is None:
+        raise ValueError(f"position: expected exactly one additive bias (ALiBi, RelativeBias, T5Bias) and nothing "
+                         f"else, got {spec!r}")
+    iq, ik = positions(batch_size, seqlen_q, seqlen_k, offset, device=device)
+    return _additive_bias(spec, batch_size, num_heads, iq, ik, device, dtype)
+
+
 def _check_table(arg: str, table: torch.Tensor, shape: tuple) -> None:
     if tuple(table.shape) != tuple(shape):
         raise ValueError(f"{arg}: expected shape {tuple(shape)}, got {tuple(table.shape)}")
@@ -566,6 +597,105 @@ def _check_table(arg: str, table: torch.Tensor, shape: tuple) -> None:
 # ==== end section: positional encodings and dense attention ====
 
 # ==== section: varlen attention (ALGORITHMS.md 2) ====
+#
+# Padding-free (ByteTransformer, arXiv 2210.03052) semantics in FlashAttention's varlen layout:
+# tokens of all sequences packed along one axis, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
+# The truth is "each sequence alone through the dense reference above": positions restart at 0 in
+# every sequence, causal/window/bias alignment is FlashAttention's bottom-right per sequence
+# (offset_b = seqlen_k_b - seqlen_q_b).
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
+    """Truth of ``posattn.unpad_input`` by a plain loop over rows and columns.
+
+    hidden_states (batch, seqlen, ...), attention_mask (batch, seqlen) (nonzero = token). Returns
+    ``(hidden_unpadded (total, ...), indices int64 (total,), cu_seqlens int32 (batch+1,),
+    max_seqlen int, seqused int32 (batch,))`` with tokens in row-major order (holes squeezed out).
+    """
+    batch, seqlen = attention_mask.shape
+    idx, lens = [], []
+    for b in range(batch):
+        row = [b * seqlen + s for s in range(seqlen) if bool(attention_mask[b, s] != 0)]
+        idx += row
+        lens.append(len(row))
+    indices = torch.tensor(idx, dtype=torch.int64, device=hidden_states.device)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    flat = hidden_states.reshape(batch * seqlen, *hidden_states.shape[2:])
+    return (flat[indices], indices, torch.tensor(cu, dtype=torch.int32, device=hidden_states.device),
+            max(lens, default=0), torch.tensor(lens, dtype=torch.int32, device=hidden_states.device))
+
+
+def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Truth of ``posattn.pad_input``: zeros (batch, seqlen, ...) with row ``indices[t]`` = token t."""
+    out = hidden_unpadded.new_zeros((batch * seqlen, *hidden_unpadded.shape[1:]))
+    for t in range(indices.numel()):
+        out[int(indices[t])] = hidden_unpadded[t]
+    return out.reshape(batch, seqlen, *hidden_unpadded.shape[1:])
+
+
+def varlen_sequence_position(position, b: int, k0: int, k1: int):
+    """The positional encoding(s) of sequence ``b`` (keys ``k0:k1`` of the packed axis) as a dense
+    single-sequence ``position`` argument (a list for several encodings, None for none).
+
+    Per-token data is sliced, shared data kept: RoPE ``position_ids`` (total_k,) or (1, total_k)
+    -> ``[k0:k1]``; ALiBi ``slopes`` (batch_size, num_heads) -> row b; LearnedPhaseRoPE ``freqs``
+    (1, num_heads, total_k) -> ``[..., k0:k1]`` (phases restart at 0 per sequence); tables and
+    XPos unchanged. Differentiable (slices are views).
+    """
+    import copy
+    from . import positional as _pos
+
+    spec = _pos.parse_position(position)
+    items = []
+    for obj in spec:
+        if obj is None:
+            continue
+        obj2 = copy.copy(obj)
+        if isinstance(obj, _pos.RoPE) and obj.position_ids is not None:
+            obj2.position_ids = obj.position_ids.reshape(-1)[k0:k1]
+        elif isinstance(obj, _pos.ALiBi) and obj.slopes is not None and obj.slopes.dim() == 2:
+            obj2.slopes = obj.slopes[b]
+        elif isinstance(obj, _pos.LearnedPhaseRoPE):
+            obj2.freqs = obj.freqs[..., k0:k1]
+        items.append(obj2)
+    if not items:
+        return None
+    return items[0] if len(items) == 1 else items
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, *, softmax_scale: float | None = None, causal: bool = False,
+                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: torch.Tensor | None = None, position=None):
+    """Float64 truth of ``posattn.flash_attn_varlen_func``: every sequence alone through ``attention``.
+
+    q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens int (batch+1,).
+    ``alibi_slopes`` (H,) or (batch, H): FlashAttention's ``-slope * |i + sk - sq - j|``, i.e.
+    ``position=ALiBi(alibi_slopes)``. Returns out float64 (total_q, H, Dv) and lse float64
+    (H, total_q); rows outside every sequence (past cu_seqlens_q[-1]) get out 0 and lse -inf.
+    """
+    from . import positional as _pos
+
+    total_q, H, _ = q.shape
+    out = torch.zeros(total_q, H, v.shape[-1], dtype=torch.float64, device=q.device)
+    lse = torch.full((H, total_q), float("-inf"), dtype=torch.float64, device=q.device)
+    if alibi_slopes is not None:
+        extra = [_pos.ALiBi(alibi_slopes)]
+        position = extra if position is None else list(_pos.parse_position(position)) + extra
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 == q0:
+            continue
+        o, l = attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                         v[k0:k1].transpose(0, 1)[None], scale=softmax_scale, causal=causal,
+                         offset=(k1 - k0) - (q1 - q0), window_size=window_size, softcap=softcap,
+                         position=varlen_sequence_position(position, b, k0, k1))
+        out[q0:q1] = o[0].transpose(0, 1)
+        lse[:, q0:q1] = l[0]
+    return out, lse
 
 # ==== end section: varlen attention ====
 
