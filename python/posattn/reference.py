@@ -701,24 +701,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 # ==== section: KV-cache decode and state merge (ALGORITHMS.md 1) ====
 def _kv_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x (T, H, D)`` by ``cos/sin (T, r/2)``.
-
-    interleaved (GPT-J) pairs ``(2i, 2i+1)``; otherwise (GPT-NeoX) pairs ``(i, i + r/2)``. Float64.
-    """
-    x = x.to(torch.float64)
-    r2 = cos.shape[-1]
-    c = cos.to(torch.float64)[:, None, :]
-    s = sin.to(torch.float64)[:, None, :]
-    out = x.clone()
-    if interleaved:
-        a, b = x[..., 0:2 * r2:2], x[..., 1:2 * r2:2]
-        out[..., 0:2 * r2:2] = a * c - b * s
-        out[..., 1:2 * r2:2] = a * s + b * c
-    else:
-        a, b = x[..., :r2], x[..., r2:2 * r2]
-        out[..., :r2] = a * c - b * s
-        out[..., r2:2 * r2] = a * s + b * c
-    return out
+    """``apply_rotary`` in float64 for x (T, H, D) with per-token cos/sin (T, r/2)."""
+    return apply_rotary(x.to(torch.float64), cos.to(torch.float64)[:, None, :], sin.to(torch.float64)[:, None, :],
+                        interleaved)
 
 
 def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None,
