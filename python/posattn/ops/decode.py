@@ -1,2 +1,452 @@
-"""decode op: public function(s), checks, dispatch, autograd."""
-__all__: list = []
+"""KV-cache decode: ``flash_attn_with_kvcache`` with LeanAttention stream-K, split-KV or one block per
+head, RoPE and ALiBi fused.
+
+Semantics copied from FlashAttention 2.x ``flash_attn_with_kvcache``; schedule from LeanAttention
+(Sanovar et al., arXiv 2405.10480; ALGORITHMS.md section 1); partition in ``posattn.scheduling``;
+kernel in ``posattn.triton_kernels.lean_decode``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backends
+from .. import reference as _ref
+from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_float, check_int, check_same, check_tensor,
+                       check_window)
+from ..ops_registry import register
+
+__all__ = ["flash_attn_with_kvcache"]
+
+_SCHEDULES = ("lean", "split", "single")
+_CHUNK = 4096   # keys per step of the torch backend (bounds its memory to O(chunk x heads x seqlen_q))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132   # modelled H100 SXM when there is no GPU (interpreter runs)
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, position=None, schedule="lean", backend="auto", num_ctas=None, reduce="separate",
+                            out=None):
+    """Attention of a few new query tokens against a KV cache, appending new keys/values in place.
+
+    FlashAttention 2.x semantics (``flash_attn_with_kvcache``), with LeanAttention's stream-K
+    schedule (arXiv 2405.10480) as the default GPU partition. Inference only: the outputs carry no
+    gradient.
+
+    Parameters
+    ----------
+    q : Tensor (batch_size, seqlen_q, num_heads, head_dim), fp16/bf16/fp32
+        New queries; unit stride in head_dim needed by the Triton kernel (copied once otherwise).
+        head_dim <= 256.
+    k_cache, v_cache : Tensor, same dtype and device as q
+        Contiguous cache (batch_size_cache, seqlen_cache, num_heads_k, head_dim), or, with
+        ``block_table``, a paged cache (num_blocks, page_block_size, num_heads_k, head_dim).
+        **Written in place** when ``k``/``v`` are given (as FlashAttention does). num_heads must
+        be a multiple of num_heads_k (GQA/MQA: query head h reads kv head h // (num_heads // num_heads_k)).
+    k, v : Tensor (batch_size, seqlen_new, num_heads_k, head_dim) or None
+        New keys/values, appended at ``cache_seqlens[b]`` (k after rotary when rotary is on).
+        Both or neither.
+    rotary_cos, rotary_sin : Tensor (seqlen_ro, rotary_dim // 2) or None
+        Rotary tables (any float dtype; used in fp32). The new k is rotated at positions
+        ``cache_seqlens + t``; q at ``cache_seqlens + i`` when ``causal`` or a window is set, else at
+        ``cache_seqlens`` (FlashAttention's rule, which assumes seqlen_q == 1 then). Unlike
+        FlashAttention, rotary without ``k`` is allowed: it rotates q only. rotary_dim even,
+        <= head_dim. seqlen_ro must cover every position used.
+    cache_seqlens : int, Tensor (batch_size,) int32, or None
+        Valid cache length of each sequence before the append. None: the whole cache
+        (seqlen_cache, or max_blocks_per_seq * page_block_size when paged). Read on the host
+        (one device-to-host copy per call: the schedule is built on the host).
+    cache_batch_idx : Tensor (batch_size,) int32 or None
+        Cache row of each sequence (None: row b). Not with ``block_table``. Distinct values are
+        required when k/v are appended.
+    cache_leftpad : None
+        Not supported yet (NotImplementedError if given).
+    block_table : Tensor (batch_size, max_blocks_per_seq) int32 or None
+        Paged cache: key j of sequence b is at ``k_cache[block_table[b, j // page_block_size],
+        j % page_block_size]``. Entries that are read or written must be in [0, num_blocks).
+    softmax_scale : float or None
+        Scale of q k^T; None = head_dim ** -0.5.
+    causal : bool, default False
+        Bottom-right aligned mask: query i of sequence b (seqlen_k = cache_seqlens[b] + seqlen_new)
+        sees key j iff ``j <= i + seqlen_k - seqlen_q``::
+
+            seqlen_q = 2, seqlen_k = 5:   1 1 1 1 0
+                                          1 1 1 1 1
+    window_size : (left, right), default (-1, -1)
+        Local attention: key j is visible iff ``i + seqlen_k - seqlen_q - left <= j <=
+        i + seqlen_k - seqlen_q + right``; -1 = unbounded. ``causal`` sets right = 0.
+    softcap : float, default 0.0
+        > 0: logits become ``softcap * tanh(logits / softcap)`` (before the ALiBi bias); 0 = off.
+    rotary_interleaved : bool, default True
+        True: GPT-J pairs (2i, 2i+1); False: GPT-NeoX pairs (i, i + rotary_dim/2).
+    alibi_slopes : Tensor (num_heads,) or (batch_size, num_heads), fp32, or None
+        Adds ``-slope * |i + seqlen_k - seqlen_q - j|`` to the scaled logits (FlashAttention-2).
+    num_splits : int, default 0
+        ``schedule="split"`` only: number of KV splits per output tile; 0 = FlashDecoding's
+        wave-efficiency heuristic (``posattn.scheduling.split_heuristic``). Ignored by "lean" and
+        "single".
+    return_softmax_lse : bool, default False
+        Also return lse (batch_size, num_heads, seqlen_q) fp32, natural log; -inf for a row with no
+        visible key.
+    position : RoPE, ALiBi, a list of both, or None (keyword)
+        ``posattn.positional`` objects instead of the tables/slopes above (not both for one kind).
+        RoPE: cos/sin from ``RoPE.inv_freq`` with fp32 angles at the positions above, times YaRN's
+        attention factor; its ``interleaved`` flag replaces ``rotary_interleaved``; ``position_ids``
+        is not supported here (positions are implied by cache_seqlens). ALiBi: its slopes.
+    schedule : {"lean", "split", "single"}, default "lean" (keyword)
+        GPU partition: stream-K over (batch x kv head x KV tile) (``lean``), FlashDecoding's fixed
+        splits (``split``), one CTA per (batch, kv head) (``single``). All run the same kernel. The
+        torch backend ignores it (exact chunked attention).
+    backend : {"auto", "triton", "torch"}, default "auto" (keyword)
+        "auto": Triton on CUDA tensors, torch on CPU. "triton" on CPU needs TRITON_INTERPRET=1.
+    num_ctas : int or None (keyword)
+        ``schedule="lean"``: grid size G (None: ``scheduling.lean_schedule``'s choice for
+        2 CTAs per SM). The result does not depend on G beyond fp32 rounding.
+    reduce : {"separate", "kernel"}, default "separate" (keyword)
+        Where split tiles are merged: a second deterministic kernel ("separate"), or the host CTA
+        inside the decode kernel with epoch flags ("kernel"; GPU only, **not yet run on a GPU**).
+    out : Tensor (batch_size, seqlen_q, num_heads, head_dim) or None (keyword)
+        Output buffer (q's dtype and device); returned.
+
+    Returns
+    -------
+    out : Tensor (batch_size, seqlen_q, num_heads, head_dim), q's dtype
+    lse : Tensor (batch_size, num_heads, seqlen_q) fp32, only if ``return_softmax_lse``
+
+    Raises
+    ------
+    TypeError
+        Wrong types or dtypes (e.g. cache_seqlens not int32).
+    ValueError
+        Shape conflicts, head counts that do not divide, cache_seqlens (plus seqlen_new) beyond the
+        cache, block_table entries out of range, rotary tables too short, bad options. Every check
+        runs before any write: the cache is never written out of bounds.
+    NotImplementedError
+        ``cache_leftpad``.
+    RuntimeError
+        An explicit backend that cannot run here.
+
+    Examples
+    --------
+    >>> import torch, posattn
+    >>> q = torch.randn(2, 1, 4, 16)
+    >>> k_cache, v_cache = torch.randn(2, 10, 2, 16), torch.randn(2, 10, 2, 16)
+    >>> k, v = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16)
+    >>> out, lse = posattn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v,
+    ...     cache_seqlens=torch.tensor([3, 7], dtype=torch.int32), return_softmax_lse=True)
+    >>> out.shape, lse.shape, bool(torch.equal(k_cache[1, 7], k[1, 0]))
+    (torch.Size([2, 1, 4, 16]), torch.Size([2, 4, 1]), True)
+    """
+    a = _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                  block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+                  num_splits, return_softmax_lse, position, schedule, backend, num_ctas, reduce, out)
+    with torch.no_grad():
+        if k is not None:
+            _append(a, k_cache, v_cache, k, v, block_table, cache_batch_idx)
+        if a["backend"] == "triton":
+            _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx)
+        else:
+            _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx)
+    return (a["out"], a["lse"]) if return_softmax_lse else a["out"]
+
+
+# ------------------------------------------------------------------------------------------------
+# validation: everything is checked before any write
+# ------------------------------------------------------------------------------------------------
+def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+              block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+              num_splits, return_softmax_lse, position, schedule, backend, num_ctas, reduce, out):
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=4)
+    dev = q.device
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, t, dtypes=FLOAT_DTYPES, ndim=4)
+        check_same(name, t, "q", q)
+    d = Dims()
+    d.check("q", q, ("batch_size", "seqlen_q", "num_heads", "head_dim"))
+    B, Sq, H, D = q.shape
+    paged = block_table is not None
+    if paged:
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2, device=dev)
+        d.check("block_table", block_table, ("batch_size", "max_blocks_per_seq"))
+        d.check("k_cache", k_cache, ("num_blocks", "page_block_size", "num_heads_k", "head_dim"))
+        d.check("v_cache", v_cache, ("num_blocks", "page_block_size", "num_heads_k", "head_dim"))
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        d.check("k_cache", k_cache, ("batch_size_cache", "seqlen_cache", "num_heads_k", "head_dim"))
+        d.check("v_cache", v_cache, ("batch_size_cache", "seqlen_cache", "num_heads_k", "head_dim"))
+        capacity = k_cache.shape[1]
+    Hk = k_cache.shape[2]
+    if H % Hk != 0:
+        raise ValueError(f"k_cache: num_heads={H} (q) must be a multiple of num_heads_k={Hk} (k_cache)")
+    if D > 256:
+        raise ValueError(f"q: expected head_dim <= 256, got {D}")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad: not supported yet by posattn's decode (pass None)")
+    if cache_batch_idx is not None:
+        if paged:
+            raise ValueError("cache_batch_idx: not supported together with block_table (paged cache); pass None")
+        check_tensor("cache_batch_idx", cache_batch_idx, dtypes=(torch.int32,), ndim=1, device=dev)
+        d.check("cache_batch_idx", cache_batch_idx, ("batch_size",))
+        idx = cache_batch_idx.cpu()
+        if B and (int(idx.min()) < 0 or int(idx.max()) >= k_cache.shape[0]):
+            raise ValueError(f"cache_batch_idx: expected values in [0, batch_size_cache={k_cache.shape[0]}), "
+                             f"got min {int(idx.min())}, max {int(idx.max())}")
+        if k is not None and idx.unique().numel() != idx.numel():
+            raise ValueError("cache_batch_idx: expected distinct rows when k/v are appended, got repeated values")
+    elif not paged and k_cache.shape[0] != B:
+        raise ValueError(f"k_cache: expected batch_size_cache == batch_size={B} without cache_batch_idx, "
+                         f"got {k_cache.shape[0]}")
+    # new keys/values
+    if (k is None) != (v is None):
+        raise ValueError(f"k, v: give both or neither, got k={'None' if k is None else 'Tensor'}, "
+                         f"v={'None' if v is None else 'Tensor'}")
+    s_new = 0
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            check_tensor(name, t, ndim=4)
+            check_same(name, t, "q", q)
+            d.check(name, t, ("batch_size", "seqlen_new", "num_heads_k", "head_dim"))
+        s_new = k.shape[1]
+    # cache lengths (host copy: the schedule is built on the host)
+    if cache_seqlens is None:
+        lens = [capacity if k is None else None] * B
+        if k is not None:
+            raise ValueError(f"cache_seqlens: needed when k/v are appended (the cache has no room past "
+                             f"seqlen {capacity})")
+    elif isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        lens = [cache_seqlens] * B
+    else:
+        check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), ndim=1, device=dev)
+        d.check("cache_seqlens", cache_seqlens, ("batch_size",))
+        lens = [int(x) for x in cache_seqlens.cpu().tolist()]
+    for b, L in enumerate(lens):
+        if L < 0 or L + s_new > capacity:
+            what = f"cache_seqlens[{b}] + seqlen_new = {L} + {s_new}" if s_new else f"cache_seqlens[{b}] = {L}"
+            raise ValueError(f"cache_seqlens: expected 0 <= {what} <= cache capacity {capacity}"
+                             f"{' (max_blocks_per_seq x page_block_size)' if paged else ' (seqlen_cache)'}")
+    seqlens_k = [L + s_new for L in lens]
+    if paged and B:
+        page = k_cache.shape[1]
+        bt = block_table.cpu()
+        used = torch.arange(bt.shape[1])[None, :] < torch.tensor([-(-L // page) for L in seqlens_k])[:, None]
+        vals = bt[used]
+        if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table: entries used by cache_seqlens must be in [0, num_blocks={k_cache.shape[0]}), "
+                             f"got min {int(vals.min())}, max {int(vals.max())}")
+    # options
+    scale = check_float("softmax_scale", softmax_scale, allow_none=True)
+    scale = D ** -0.5 if scale is None else scale
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    left, right = check_window("window_size", window_size)
+    local = (left, right) != (-1, -1)
+    if causal:
+        right = 0
+    softcap = check_float("softcap", softcap, minimum=0.0)
+    if not isinstance(rotary_interleaved, bool):
+        raise TypeError(f"rotary_interleaved: expected a bool, got {type(rotary_interleaved).__name__}")
+    check_int("num_splits", num_splits, minimum=0)
+    check_choice("schedule", schedule, _SCHEDULES)
+    check_choice("reduce", reduce, ("separate", "kernel"))
+    if num_ctas is not None:
+        check_int("num_ctas", num_ctas, minimum=1)
+    if not isinstance(return_softmax_lse, bool):
+        raise TypeError(f"return_softmax_lse: expected a bool, got {type(return_softmax_lse).__name__}")
+    # positional encodings
+    rope = alibi_obj = None
+    if position is not None:
+        from ..positional import ALiBi, RoPE, parse_position
+        spec = parse_position(position)
+        if spec.urpe is not None or (spec.rotary is not None and not isinstance(spec.rotary, RoPE)) or \
+                (spec.bias is not None and not isinstance(spec.bias, ALiBi)):
+            raise ValueError(f"position: decode supports RoPE and ALiBi, got {position!r}")
+        rope, alibi_obj = spec.rotary, spec.bias
+        if rope is not None and rotary_cos is not None:
+            raise ValueError("position: a RoPE was given together with rotary_cos/rotary_sin; give one")
+        if alibi_obj is not None and alibi_slopes is not None:
+            raise ValueError("position: an ALiBi was given together with alibi_slopes; give one")
+        if rope is not None and rope.position_ids is not None:
+            raise ValueError("position: RoPE.position_ids is not supported by decode (positions are cache_seqlens + i)")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos, rotary_sin: give both or neither")
+    interleaved = rotary_interleaved
+    rot_q = rot_k = None      # fp32 (B, Sq, r/2) and (B, s_new, r/2) pairs of (cos, sin)
+    qpos = torch.tensor(lens, dtype=torch.int64)[:, None] + (torch.arange(Sq)[None, :] if (causal or local)
+                                                            else torch.zeros(1, Sq, dtype=torch.int64))
+    kpos = torch.tensor(lens, dtype=torch.int64)[:, None] + torch.arange(s_new)[None, :]
+    if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            check_tensor(name, t, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=2, device=dev)
+            d.check(name, t, ("seqlen_ro", "rotary_dim_half"))
+        r2 = rotary_cos.shape[1]
+        if 2 * r2 > D:
+            raise ValueError(f"rotary_cos: rotary_dim = 2 x {r2} exceeds head_dim={D}")
+        need = max(int(qpos.max()) if qpos.numel() else -1, int(kpos.max()) if kpos.numel() else -1) + 1
+        if need > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos: expected seqlen_ro >= {need} (largest rotary position + 1), "
+                             f"got {rotary_cos.shape[0]}")
+        cos32, sin32 = rotary_cos.to(torch.float32), rotary_sin.to(torch.float32)
+        rot_q = (cos32[qpos.to(dev)], sin32[qpos.to(dev)])
+        rot_k = (cos32[kpos.to(dev)], sin32[kpos.to(dev)])
+        rotary_dim = 2 * r2
+    elif rope is not None:
+        rotary_dim = rope.get_rotary_dim(D)
+        inv = rope.inv_freq(D, dev, seqlen=max(seqlens_k, default=0))
+        fac = rope.attention_factor
+        cq, sq = _ref.rope_cos_sin(qpos.to(dev), inv)
+        ck, sk = _ref.rope_cos_sin(kpos.to(dev), inv)
+        rot_q = ((cq * fac).float(), (sq * fac).float())
+        rot_k = ((ck * fac).float(), (sk * fac).float())
+        interleaved = rope.interleaved
+    else:
+        rotary_dim = 0
+    if alibi_obj is not None:
+        alibi_slopes = alibi_obj.get_slopes(B, H, dev)
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=dev)
+        d.check("alibi_slopes", alibi_slopes, ("num_heads",) if alibi_slopes.dim() == 1 else ("batch_size", "num_heads"))
+    if out is not None:
+        check_tensor("out", out, ndim=4)
+        check_same("out", out, "q", q)
+        d.check("out", out, ("batch_size", "seqlen_q", "num_heads", "head_dim"))
+    else:
+        out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
+    be = _backends.resolve(backend, dev, supported=("triton", "torch"), op="flash_attn_with_kvcache")
+    lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
+    return dict(B=B, Sq=Sq, H=H, Hk=Hk, D=D, lens=lens, seqlens_k=seqlens_k, s_new=s_new, scale=scale,
+                left=left, right=right, softcap=softcap, rotary_dim=rotary_dim, interleaved=interleaved,
+                rot_q=rot_q, rot_k=rot_k, alibi=alibi_slopes, schedule=schedule, num_splits=num_splits,
+                num_ctas=num_ctas, reduce=reduce, out=out, lse=lse, backend=be, paged=paged)
+
+
+# ------------------------------------------------------------------------------------------------
+# append (in place) and the two backends
+# ------------------------------------------------------------------------------------------------
+def _rotate(x32: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x32 (B, T, heads, D) fp32 with cos/sin (B, T, r/2): the shared reference formula, in fp32."""
+    return _ref.apply_rotary(x32, cos[:, :, None, :], sin[:, :, None, :], interleaved)
+
+
+def _append(a, k_cache, v_cache, k, v, block_table, cache_batch_idx):
+    B, s_new = a["B"], a["s_new"]
+    if s_new == 0 or B == 0:
+        return
+    dev = k_cache.device
+    if a["rotary_dim"]:
+        k = _rotate(k.float(), a["rot_k"][0], a["rot_k"][1], a["interleaved"]).to(k_cache.dtype)
+    pos = torch.tensor(a["lens"], dtype=torch.int64, device=dev)[:, None] + torch.arange(s_new, device=dev)[None, :]
+    if a["paged"]:
+        page = k_cache.shape[1]
+        rows = block_table.long().gather(1, pos // page)
+        cols = pos % page
+    else:
+        rows = (torch.arange(B, device=dev) if cache_batch_idx is None else cache_batch_idx.long())[:, None].expand(B, s_new)
+        cols = pos
+    k_cache[rows, cols] = k.to(k_cache.dtype)
+    v_cache[rows, cols] = v.to(v_cache.dtype)
+
+
+def _empty_rows(a):
+    """Batches with no key: out 0, lse -inf (not in the kernel's tile space)."""
+    empty = [b for b, L in enumerate(a["seqlens_k"]) if L == 0]
+    if empty:
+        idx = torch.tensor(empty, device=a["out"].device)
+        a["out"][idx] = 0
+        a["lse"][idx] = -math.inf
+
+
+def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
+    from ..scheduling import default_block_n, make_schedule
+    from ..triton_kernels.lean_decode import lean_decode_fwd, pick_block_m
+
+    dev = q.device
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    group = a["H"] // a["Hk"]
+    block_m = pick_block_m(a["Sq"] * group)
+    block_n = default_block_n(a["D"])
+    n_m = -(-(a["Sq"] * group) // block_m)
+    sms = _num_sms(dev)
+    sched = make_schedule(a["schedule"], a["seqlens_k"], num_heads_k=a["Hk"], block_n=block_n, num_m_blocks=n_m,
+                          num_splits=a["num_splits"], num_ctas=a["num_ctas"], max_ctas=2 * sms, num_sms=sms)
+    out = a["out"]
+    target = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=dev)
+    _empty_rows(dict(a, out=target))
+    rot_q = a["rot_q"]
+    lean_decode_fwd(q, k_cache, v_cache, target, a["lse"],
+                    seqlens_k=torch.tensor(a["seqlens_k"], dtype=torch.int32, device=dev), schedule=sched,
+                    sched=sched.as_tensors(dev), block_table=block_table, cache_batch_idx=cache_batch_idx,
+                    rot_cos=None if rot_q is None else rot_q[0].contiguous(),
+                    rot_sin=None if rot_q is None else rot_q[1].contiguous(),
+                    rotary_dim=a["rotary_dim"], rotary_interleaved=a["interleaved"],
+                    alibi_slopes=a["alibi"], softmax_scale=a["scale"], softcap=a["softcap"],
+                    window_left=a["left"], window_right=a["right"], block_m=block_m, block_n=block_n,
+                    reduce_in_kernel=(a["reduce"] == "kernel"))
+    if target is not out:
+        out.copy_(target)
+
+
+def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
+    """Exact attention per sequence in fp32, over chunks of ``_CHUNK`` keys merged online."""
+    B, Sq, H, Hk, D = a["B"], a["Sq"], a["H"], a["Hk"], a["D"]
+    g = H // Hk
+    dev = q.device
+    q32 = q.float()
+    if a["rotary_dim"]:
+        # rounded to the input dtype like the Triton kernel (and like the rotated k in the cache)
+        q32 = _rotate(q32, a["rot_q"][0], a["rot_q"][1], a["interleaved"]).to(q.dtype).float()
+    for b in range(B):
+        Lk = a["seqlens_k"][b]
+        m = torch.full((H, Sq), -math.inf, device=dev)
+        l = torch.zeros(H, Sq, device=dev)
+        acc = torch.zeros(H, Sq, D, device=dev)
+        qpos = torch.arange(Sq, device=dev)[:, None] + Lk - Sq
+        slopes = None
+        if a["alibi"] is not None:
+            s_ = a["alibi"]
+            slopes = (s_[b] if s_.dim() == 2 else s_).float()
+        for j0 in range(0, Lk, _CHUNK):
+            j = torch.arange(j0, min(Lk, j0 + _CHUNK), device=dev)
+            if a["paged"]:
+                page = k_cache.shape[1]
+                blk = block_table[b].long()[j // page]
+                kc, vc = k_cache[blk, j % page], v_cache[blk, j % page]
+            else:
+                cb = b if cache_batch_idx is None else int(cache_batch_idx[b])
+                kc, vc = k_cache[cb, j], v_cache[cb, j]
+            kc = kc.float().repeat_interleave(g, dim=1)       # (C, H, D)
+            vc = vc.float().repeat_interleave(g, dim=1)
+            s = torch.einsum("ihd,jhd->hij", q32[b], kc) * a["scale"]
+            if a["softcap"] > 0:
+                s = a["softcap"] * torch.tanh(s / a["softcap"])
+            rel = qpos - j[None, :]
+            if slopes is not None:
+                s = s - slopes[:, None, None] * rel.abs().float()
+            ok = torch.ones_like(rel, dtype=torch.bool)
+            if a["right"] >= 0:
+                ok &= rel >= -a["right"]
+            if a["left"] >= 0:
+                ok &= rel <= a["left"]
+            s = s.masked_fill(~ok, -math.inf)
+            m_new = torch.maximum(m, s.amax(-1))
+            m_use = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+            p = torch.exp(s - m_use[..., None])
+            alpha = torch.exp(m - m_use)
+            l = l * alpha + p.sum(-1)
+            acc = acc * alpha[..., None] + torch.einsum("hij,jhd->hid", p, vc)
+            m = m_new
+        has = l > 0
+        o = torch.where(has[..., None], acc / torch.where(has, l, torch.ones_like(l))[..., None], torch.zeros_like(acc))
+        a["out"][b] = o.permute(1, 0, 2).to(a["out"].dtype)
+        a["lse"][b] = torch.where(has, m + torch.log(torch.where(has, l, torch.ones_like(l))),
+                                  torch.full_like(l, -math.inf))
+
+
+register("kvcache_decode", "posattn.ops.decode", ("triton", "torch"))
