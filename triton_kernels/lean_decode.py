@@ -333,3 +333,39 @@ def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched
             out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
             Sq, group, D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=num_warps,
         )
+
+
+def report_cases():
+    """(label, thunk) pairs for ``python -m posattn report``: the launcher on small CPU tensors with
+    the block sizes, warps and modes a GPU call would use (see posattn.report)."""
+    from posattn.scheduling import default_block_n, lean_schedule
+
+    def case(dtype, head_dim, group, *, paged=False, rotary=False, alibi=False, reduce_in_kernel=True):
+        def thunk():
+            B, Hk, L = 2, 2, 300
+            H = Hk * group
+            bn = default_block_n(head_dim)
+            bm = pick_block_m(group)
+            q = torch.randn(B, 1, H, head_dim, dtype=dtype)
+            if paged:
+                kc = torch.randn(8, 64, Hk, head_dim, dtype=dtype)
+                bt = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+            else:
+                kc, bt = torch.randn(B, L, Hk, head_dim, dtype=dtype), None
+            vc = torch.randn_like(kc)
+            s = lean_schedule([200, 250], num_heads_k=Hk, block_n=bn, num_ctas=3)
+            rc = torch.randn(B, 1, head_dim // 4) if rotary else None
+            lean_decode_fwd(q, kc, vc, torch.empty_like(q), torch.empty(B, H, 1), seqlens_k=torch.tensor([200, 250],
+                            dtype=torch.int32), schedule=s, sched=s.as_tensors("cpu"), block_table=bt,
+                            rot_cos=rc, rot_sin=rc, rotary_dim=head_dim // 2 if rotary else 0,
+                            alibi_slopes=torch.rand(H) if alibi else None, softmax_scale=head_dim ** -0.5,
+                            block_m=bm, block_n=bn, reduce_in_kernel=reduce_in_kernel)
+        return thunk
+
+    return [
+        ("bf16 d128 gqa4 in-kernel reduce", case(torch.bfloat16, 128, 4)),
+        ("bf16 d128 gqa4 separate reduce", case(torch.bfloat16, 128, 4, reduce_in_kernel=False)),
+        ("fp16 d64 mha paged rope alibi", case(torch.float16, 64, 1, paged=True, rotary=True, alibi=True)),
+        ("bf16 d256 gqa8", case(torch.bfloat16, 256, 8)),
+        ("fp32 d128 gqa4", case(torch.float32, 128, 4)),
+    ]

@@ -320,6 +320,14 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     else:
         out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
     be = _backends.resolve(backend, dev, supported=("triton", "torch"), op="flash_attn_with_kvcache")
+    if reduce == "kernel" and be == "triton":
+        # the host CTA spins on flags of later CTAs: every CTA must be resident at once
+        if dev.type != "cuda":
+            raise ValueError("reduce: 'kernel' needs a GPU (under the Triton interpreter programs run one after "
+                             "another and a waiting host would never see its peers); use 'separate'")
+        if num_ctas is not None and num_ctas > _num_sms(dev):
+            raise ValueError(f"num_ctas: expected <= {_num_sms(dev)} (one resident CTA per SM) with reduce='kernel', "
+                             f"got {num_ctas}")
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
     return dict(B=B, Sq=Sq, H=H, Hk=Hk, D=D, lens=lens, seqlens_k=seqlens_k, s_new=s_new, scale=scale,
                 left=left, right=right, softcap=softcap, rotary_dim=rotary_dim, interleaved=interleaved,
@@ -375,7 +383,11 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     n_m = -(-(a["Sq"] * group) // block_m)
     sms = _num_sms(dev)
     sched = make_schedule(a["schedule"], a["seqlens_k"], num_heads_k=a["Hk"], block_n=block_n, num_m_blocks=n_m,
-                          num_splits=a["num_splits"], num_ctas=a["num_ctas"], max_ctas=2 * sms, num_sms=sms)
+                          num_splits=a["num_splits"], num_ctas=a["num_ctas"],
+                          max_ctas=sms if a["reduce"] == "kernel" else 2 * sms, num_sms=sms)
+    if a["reduce"] == "kernel" and sched.num_ctas > sms:   # split/single grids can exceed the resident CTAs
+        raise ValueError(f"reduce: 'kernel' needs at most {sms} CTAs (one per SM); schedule {a['schedule']!r} "
+                         f"has {sched.num_ctas}; use reduce='separate'")
     out = a["out"]
     target = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=dev)
     _empty_rows(dict(a, out=target))
