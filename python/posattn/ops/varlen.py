@@ -1,2 +1,690 @@
-"""varlen op: public function(s), checks, dispatch, autograd."""
-__all__: list = []
+"""Padding-free (variable-length) attention and the unpad/pad pair, after ByteTransformer.
+
+ByteTransformer (Zhai et al., IPDPS 2023, arXiv 2210.03052; ALGORITHMS.md section 2) removes the
+padding of a batch once, runs every token-wise op and the attention on the packed tokens, and restores
+the padding at the end. The API copies FlashAttention's names and semantics (``flash_attn.bert_padding``
+``unpad_input`` / ``pad_input`` and ``flash_attn_varlen_func``), with the positional encodings of the
+fused attention added through ``position=``.
+
+Layout: ``q`` (total_q, num_heads, head_dim), ``k``/``v`` (total_k, num_heads_k, head_dim[_v]); sequence
+``b`` owns rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32, batch_size+1 entries, starting at 0).
+Positions restart at 0 in every sequence; causal masks, windows and relative biases are aligned
+bottom-right per sequence (query i of sequence b sits at ``i + seqlen_k_b - seqlen_q_b``).
+
+Backends (``backend=``):
+
+* ``"torch"`` (CPU default): sequences are grouped into chunks of similar length (bounded padding
+  waste) and each chunk runs through the dense attention's torch backend with a key-padding mask, so
+  the attention math exists once (``ops/attention.py``); gradients flow through it.
+* ``"triton"``: the fused attention's Triton kernels in their IS_VARLEN mode (cu_seqlens, one launch,
+  forward and backward; ``triton_kernels/fused_attention.py``). On CPU only under TRITON_INTERPRET=1.
+* ``"cuda"``: the CUDA C++ short-sequence forward (``csrc/varlen.cu``, ByteTransformer's fused regime),
+  forward only; requested explicitly. ``"auto"`` on a GPU picks Triton: no GPU benchmark has been run
+  yet, so the CUDA kernel is not chosen automatically (not yet run on a GPU).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import ops_registry
+from .. import reference as _ref
+from .._backends import resolve
+from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_cu_seqlens, check_float, check_int,
+                       check_tensor, check_window, dtype_name)
+
+__all__ = [
+    "unpad_input",
+    "pad_input",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
+]
+
+_INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+# =============================================================================================
+# unpad / pad
+# =============================================================================================
+
+def _cuda_module(t: torch.Tensor, name: str):
+    """posattn._C when ``t`` is on CUDA and the module has launcher ``name``; else None (torch path)."""
+    if t.device.type != "cuda":
+        return None
+    from .._backends import load_C
+    C = load_C()
+    return C if C is not None and hasattr(C, name) else None
+
+
+def _gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """dst[t] = src[indices[t]] for 2-D ``src`` (rows, width); no autograd."""
+    C = _cuda_module(src, "gather_rows_cuda")
+    if C is None:
+        return src.index_select(0, indices)
+    dst = torch.empty((indices.numel(), src.shape[1]), dtype=src.dtype, device=src.device)
+    _launch_rows(C.gather_rows_cuda, dst, src, indices)
+    return dst
+
+
+def _scatter_rows(src: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
+    """dst = zeros(rows, width); dst[indices[t]] = src[t]; no autograd (indices are distinct)."""
+    dst = src.new_zeros((rows, src.shape[1]))
+    C = _cuda_module(src, "scatter_rows_cuda")
+    if C is None:
+        return dst.index_copy_(0, indices, src)
+    _launch_rows(C.scatter_rows_cuda, dst, src, indices)
+    return dst
+
+
+def _launch_rows(fn, dst, src, indices):
+    src = src.contiguous()
+    idx = indices.contiguous()
+    stream = torch.cuda.current_stream(src.device).cuda_stream
+    err = fn(dst.data_ptr(), src.data_ptr(), idx.data_ptr(), idx.numel(), dst.shape[1] * dst.element_size(),
+             idx.element_size(), stream)
+    if err:
+        raise RuntimeError(f"posattn._C row copy failed: {err}")
+
+
+class _IndexFirstAxis(torch.autograd.Function):
+    """Pack: out = x[indices]; backward scatters into zeros (rows not gathered get gradient 0)."""
+
+    @staticmethod
+    def forward(ctx, x2d, indices):
+        ctx.save_for_backward(indices)
+        ctx.rows = x2d.shape[0]
+        return _gather_rows(x2d, indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return _scatter_rows(grad.contiguous(), indices, ctx.rows), None
+
+
+class _IndexPutFirstAxis(torch.autograd.Function):
+    """Pad: out = zeros(rows); out[indices] = x; backward gathers."""
+
+    @staticmethod
+    def forward(ctx, x2d, indices, rows):
+        ctx.save_for_backward(indices)
+        return _scatter_rows(x2d, indices, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        return _gather_rows(grad.contiguous(), indices), None, None
+
+
+def _check_mask(attention_mask, batch: int, seqlen: int) -> torch.Tensor:
+    check_tensor("attention_mask", attention_mask, dtypes=_INT_DTYPES)
+    if tuple(attention_mask.shape) != (batch, seqlen):
+        raise ValueError(f"attention_mask: expected (batch_size={batch}, seqlen={seqlen}) like the first two dims of "
+                         f"hidden_states, got {tuple(attention_mask.shape)}")
+    if attention_mask.dtype != torch.bool:
+        bad = (attention_mask != 0) & (attention_mask != 1)
+        if bool(bad.any()):
+            raise ValueError(f"attention_mask: expected 0/1 values (1 = token), got "
+                             f"{attention_mask[bad].unique().tolist()[:8]}")
+    return attention_mask
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
+    """Remove the padding of a batch: pack the tokens of every sequence into one axis.
+
+    FlashAttention's ``flash_attn.bert_padding.unpad_input`` semantics (without its ``unused_mask``);
+    ByteTransformer's padding-free pack (arXiv 2210.03052, ALGORITHMS.md 2a).
+
+    Parameters
+    ----------
+    hidden_states : Tensor (batch_size, seqlen, ...)
+        Any dtype and trailing shape (e.g. (batch, seqlen, hidden) or (batch, seqlen, heads, head_dim)).
+        Not modified; differentiable.
+    attention_mask : Tensor (batch_size, seqlen), bool or integer 0/1
+        1 (True) = a token, 0 = padding. Left padding, right padding and holes are all handled: the
+        tokens of row b are packed in order, so a sequence with holes becomes contiguous (its
+        positions restart at 0 and skip the holes).
+
+    Returns
+    -------
+    hidden_unpadded : Tensor (total, ...), same dtype, the rows of the tokens in row-major order.
+    indices : int64 Tensor (total,)
+        ``b * seqlen + s`` of every token (for ``pad_input``).
+    cu_seqlens : int32 Tensor (batch_size + 1,)
+        Prefix sums of the lengths, starting at 0 (a sequence with no token has length 0).
+    max_seqlen : int
+        The longest length (0 for an empty batch); a host int (one device sync, as in FlashAttention).
+    seqused : int32 Tensor (batch_size,)
+        Tokens per sequence (FlashAttention's ``used_seqlens_in_batch``; equal to the lengths here).
+
+    Raises
+    ------
+    TypeError
+        ``hidden_states`` not a tensor; ``attention_mask`` not bool/integer.
+    ValueError
+        ``hidden_states`` with fewer than 2 dims; ``attention_mask`` of the wrong shape or with values
+        other than 0/1.
+
+    Notes
+    -----
+    On CUDA with ``posattn._C`` built, the index build (one CTA, ballot + popcount + prefix sum) and
+    the row gather are CUDA C++ kernels (``csrc/varlen.cu``; not yet run on a GPU); elsewhere torch
+    ops. Backward scatters the gradient into zeros.
+
+    Examples
+    --------
+    >>> x = torch.arange(8.).reshape(2, 4, 1)
+    >>> mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]])
+    >>> xu, indices, cu_seqlens, max_seqlen, seqused = unpad_input(x, mask)
+    >>> xu.flatten().tolist(), indices.tolist(), cu_seqlens.tolist(), max_seqlen
+    ([0.0, 1.0, 2.0, 5.0, 6.0], [0, 1, 2, 5, 6], [0, 3, 5], 3)
+    """
+    check_tensor("hidden_states", hidden_states)
+    if hidden_states.dim() < 2:
+        raise ValueError(f"hidden_states: expected (batch_size, seqlen, ...) with at least 2 dims, got shape "
+                         f"{tuple(hidden_states.shape)}")
+    batch, seqlen = hidden_states.shape[:2]
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+    _check_mask(attention_mask, batch, seqlen)
+    mask = attention_mask.to(hidden_states.device)
+    indices, cu_seqlens, seqlens = _unpad_index(mask)
+    max_seqlen = int(seqlens.max()) if batch > 0 else 0
+    rest = hidden_states.shape[2:]
+    flat = hidden_states.reshape(batch * seqlen, -1)
+    packed = _IndexFirstAxis.apply(flat, indices).reshape(indices.numel(), *rest)
+    return packed, indices, cu_seqlens, max_seqlen, seqlens
+
+
+def _unpad_index(mask: torch.Tensor):
+    """(indices int64 (total,), cu_seqlens int32 (batch+1,), seqlens int32 (batch,)) of a 0/1 mask."""
+    batch, seqlen = mask.shape
+    C = _cuda_module(mask, "unpad_index_cuda")
+    if C is not None and batch > 0 and seqlen > 0:
+        m = mask.to(torch.uint8)
+        seqlens = torch.empty(batch, dtype=torch.int32, device=mask.device)
+        cu = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
+        indices_all = torch.empty(batch * seqlen, dtype=torch.int64, device=mask.device)
+        stream = torch.cuda.current_stream(mask.device).cuda_stream
+        err = C.unpad_index_cuda(m.data_ptr(), batch, seqlen, m.stride(0), m.stride(1), seqlens.data_ptr(),
+                                 cu.data_ptr(), indices_all.data_ptr(), stream)
+        if err:
+            raise RuntimeError(f"posattn._C unpad_index failed: {err}")
+        total = int(cu[-1])
+        return indices_all[:total], cu, seqlens
+    seqlens = mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
+    cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
+    if batch > 0:
+        cu[1:] = torch.cumsum(seqlens, dim=0, dtype=torch.int32)
+    return indices, cu, seqlens
+
+
+def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Restore the padding removed by ``unpad_input``: scatter packed rows into a zero batch.
+
+    FlashAttention's ``flash_attn.bert_padding.pad_input`` semantics.
+
+    Parameters
+    ----------
+    hidden_unpadded : Tensor (total, ...), any dtype. Not modified; differentiable.
+    indices : int64 (or int32) Tensor (total,)
+        Distinct destination rows ``b * seqlen + s`` in [0, batch * seqlen) (from ``unpad_input``).
+    batch, seqlen : int >= 0
+        The padded shape.
+
+    Returns
+    -------
+    Tensor (batch, seqlen, ...) with zeros at the padding positions.
+
+    Raises
+    ------
+    TypeError / ValueError naming the argument: wrong types, ``indices`` of the wrong length, out of
+    range or repeated.
+
+    Examples
+    --------
+    >>> x = torch.arange(8.).reshape(2, 4, 1)
+    >>> xu, indices, *_ = unpad_input(x, torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]]))
+    >>> pad_input(xu, indices, 2, 4)[..., 0].tolist()
+    [[0.0, 1.0, 2.0, 0.0], [0.0, 5.0, 6.0, 0.0]]
+    """
+    check_tensor("hidden_unpadded", hidden_unpadded)
+    if hidden_unpadded.dim() < 1:
+        raise ValueError("hidden_unpadded: expected (total, ...), got a 0-D tensor")
+    check_tensor("indices", indices, dtypes=(torch.int64, torch.int32), ndim=1)
+    batch = check_int("batch", batch, minimum=0)
+    seqlen = check_int("seqlen", seqlen, minimum=0)
+    total = hidden_unpadded.shape[0]
+    if indices.numel() != total:
+        raise ValueError(f"indices: expected (total={total},) like hidden_unpadded's first dim, got "
+                         f"{tuple(indices.shape)}")
+    rows = batch * seqlen
+    idx = indices.to(device=hidden_unpadded.device, dtype=torch.int64)
+    if total:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= rows:
+            raise ValueError(f"indices: expected values in [0, batch*seqlen={rows}), got min {lo}, max {hi}")
+        if total > 1 and bool((torch.sort(idx).values.diff() == 0).any()):
+            raise ValueError("indices: expected distinct rows, got repeated values")
+    rest = hidden_unpadded.shape[1:]
+    flat = hidden_unpadded.reshape(total, -1)
+    return _IndexPutFirstAxis.apply(flat, idx, rows).reshape(batch, seqlen, *rest)
+
+
+# =============================================================================================
+# varlen attention: argument checks
+# =============================================================================================
+
+class _Args:
+    """Validated, normalised arguments of one varlen call."""
+    __slots__ = ("batch_size", "num_heads", "num_heads_k", "head_dim", "head_dim_v", "total_q", "total_k",
+                 "lens_q", "lens_k", "cu_q", "cu_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale", "causal",
+                 "window_left", "window_right", "softcap", "dropout_p", "position", "deterministic")
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                  causal, window_size, softcap, alibi_slopes, deterministic, position) -> _Args:
+    from .. import positional as _pos
+
+    check_tensor("q", q, dtypes=FLOAT_DTYPES, ndim=3)
+    check_tensor("k", k, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
+    check_tensor("v", v, dtypes=FLOAT_DTYPES, ndim=3, device=q.device)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {dtype_name(q.dtype)} (same as q), got {dtype_name(t.dtype)}")
+    d = Dims()
+    d.check("q", q, ("total_q", "num_heads", "head_dim"))
+    d.check("k", k, ("total_k", "num_heads_k", "head_dim"))
+    d.check("v", v, ("total_k", "num_heads_k", "head_dim_v"))
+    a = _Args()
+    a.total_q, a.num_heads, a.head_dim = d["total_q"], d["num_heads"], d["head_dim"]
+    a.total_k, a.num_heads_k, a.head_dim_v = d["total_k"], d["num_heads_k"], d["head_dim_v"]
+    if a.num_heads_k < 1 or a.num_heads % a.num_heads_k:
+        raise ValueError(f"k: num_heads={a.num_heads} must be a multiple of num_heads_k, got num_heads_k="
+                         f"{a.num_heads_k}")
+    if a.head_dim < 1:
+        raise ValueError(f"q: expected head_dim >= 1, got {a.head_dim}")
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total=a.total_q, device=q.device)
+    a.batch_size = cu_seqlens_q.numel() - 1
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, batch_size=a.batch_size, total=a.total_k, device=q.device)
+    a.cu_q = cu_seqlens_q.tolist()
+    a.cu_k = cu_seqlens_k.tolist()
+    a.lens_q = [a.cu_q[b + 1] - a.cu_q[b] for b in range(a.batch_size)]
+    a.lens_k = [a.cu_k[b + 1] - a.cu_k[b] for b in range(a.batch_size)]
+    for name, value, lens in (("max_seqlen_q", max_seqlen_q, a.lens_q), ("max_seqlen_k", max_seqlen_k, a.lens_k)):
+        value = check_int(name, value, minimum=0)
+        longest = max(lens, default=0)
+        if value < longest:
+            cu_name = "cu_seqlens_" + name[-1]
+            raise ValueError(f"{name}: expected >= the longest sequence in {cu_name} ({longest}), got {value}")
+        setattr(a, name, value)
+    a.dropout_p = check_float("dropout_p", dropout_p, minimum=0.0)
+    if a.dropout_p >= 1.0:
+        raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
+    scale = check_float("softmax_scale", softmax_scale, allow_none=True)
+    a.softmax_scale = a.head_dim ** -0.5 if scale is None else scale
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    a.causal = causal
+    left, right = check_window("window_size", window_size)
+    if causal:
+        right = 0
+    # a window reaching past every key is no window (STYLE.md: normalise once)
+    if left >= a.max_seqlen_k:
+        left = -1
+    if right >= a.max_seqlen_k:
+        right = -1
+    a.window_left, a.window_right = left, right
+    a.softcap = check_float("softcap", softcap, minimum=0.0)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    a.deterministic = deterministic
+    spec = _pos.parse_position(position)
+    if alibi_slopes is not None:
+        check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=q.device)
+        want = ((a.num_heads,), (a.batch_size, a.num_heads))
+        if tuple(alibi_slopes.shape) not in want:
+            raise ValueError(f"alibi_slopes: expected (num_heads={a.num_heads},) or (batch_size={a.batch_size}, "
+                             f"num_heads={a.num_heads}), got {tuple(alibi_slopes.shape)}")
+        if spec.bias is not None:
+            raise ValueError(f"alibi_slopes: position= already carries an additive bias ({spec.bias!r}); "
+                             f"pass ALiBi through one of them, got both")
+        spec = _pos.parse_position([x for x in spec if x is not None] + [_pos.ALiBi(alibi_slopes)])
+    _check_varlen_position(spec, a, q.device)
+    a.position = spec
+    return a
+
+
+def _check_varlen_position(spec, a: _Args, device) -> None:
+    """Per-token and per-sequence shapes of the positional encodings in the varlen layout."""
+    from .. import positional as _pos
+
+    rot, bias, _ = spec
+    if isinstance(rot, _pos.RoPE):
+        name = spec.names["rotary"]
+        if rot.scaling is not None and rot.scaling.get("type", rot.scaling.get("rope_type")) == "dynamic":
+            raise ValueError(f"{name}.scaling: 'dynamic' NTK scaling depends on each sequence's length and is not "
+                             f"supported by the varlen op; run the sequences through the dense op instead")
+        ids = rot.position_ids
+        if ids is not None and not ((ids.dim() == 1 and ids.shape[0] == a.total_k)
+                                    or (ids.dim() == 2 and tuple(ids.shape) == (1, a.total_k))):
+            raise ValueError(f"{name}.position_ids: expected one id per key token, (total_k={a.total_k},) or "
+                             f"(1, total_k={a.total_k}), got {tuple(ids.shape)}")
+    elif isinstance(rot, _pos.LearnedPhaseRoPE):
+        name = spec.names["rotary"]
+        fr = rot.freqs
+        if tuple(fr.shape) != (1, a.num_heads, a.total_k):
+            raise ValueError(f"{name}.freqs: expected one frequency per key token and head, (1, num_heads="
+                             f"{a.num_heads}, total_k={a.total_k}), got {tuple(fr.shape)}")
+    if isinstance(bias, _pos.ALiBi) and bias.slopes is not None:
+        s = bias.slopes
+        if not ((s.dim() == 1 and s.shape[0] == a.num_heads) or
+                (s.dim() == 2 and tuple(s.shape) == (a.batch_size, a.num_heads))):
+            raise ValueError(f"{spec.names['bias']}.slopes: expected (num_heads={a.num_heads},) or (batch_size="
+                             f"{a.batch_size}, num_heads={a.num_heads}), got {tuple(s.shape)}")
+    if a.max_seqlen_q > 0:
+        for b in range(a.batch_size):
+            if a.lens_q[b] > a.lens_k[b] and (rot is not None and not isinstance(rot, _pos.XPos)):
+                # query i sits at key index i + len_k - len_q < 0: no rotation position to read
+                raise ValueError(f"cu_seqlens_q: sequence {b} has more queries ({a.lens_q[b]}) than keys "
+                                 f"({a.lens_k[b]}); with {spec.names['rotary']} the query positions "
+                                 f"(bottom-right aligned) would be negative")
+
+
+# =============================================================================================
+# varlen attention: public functions
+# =============================================================================================
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, *, position=None, backend="auto"):
+    """Attention over packed variable-length sequences (padding-free), forward and backward.
+
+    FlashAttention 2's ``flash_attn_varlen_func`` semantics (names, layout, bottom-right causal
+    alignment, ``window_size``, ``softcap``, ``alibi_slopes``), plus the positional encodings of the
+    fused attention through ``position=``. The padding-free scheme is ByteTransformer's
+    (arXiv 2210.03052). Each sequence attends only to its own keys; the result equals running every
+    sequence alone through the dense attention.
+
+    Parameters
+    ----------
+    q : Tensor (total_q, num_heads, head_dim), float16 / bfloat16 / float32
+        Queries of all sequences packed along dim 0. Any strides (a unit last-dim stride avoids a copy).
+    k : Tensor (total_k, num_heads_k, head_dim), same dtype and device
+        ``num_heads % num_heads_k == 0``; GQA/MQA: query head h reads kv head ``h // (num_heads // num_heads_k)``.
+    v : Tensor (total_k, num_heads_k, head_dim_v)
+    cu_seqlens_q, cu_seqlens_k : int32 Tensor (batch_size + 1,), on q's device
+        Start row of every sequence, starting at 0, non-decreasing; ``cu_seqlens_q[-1] <= total_q``,
+        ``cu_seqlens_k[-1] <= total_k``. Rows past the last entry belong to no sequence: their output
+        is 0, their lse -inf and their gradient 0. Zero-length sequences are allowed anywhere;
+        ``cu_seqlens_q != cu_seqlens_k`` is cross-attention.
+    max_seqlen_q, max_seqlen_k : int
+        At least the longest sequence of each side (host ints, as in FlashAttention; they size the grid).
+    dropout_p : float in [0, 1), default 0.0
+        Dropout on the attention probabilities (training only; keep-mask drawn by the backend).
+    softmax_scale : float or None
+        Logit scale; None (default) = ``head_dim ** -0.5``.
+    causal : bool, default False
+        Bottom-right aligned per sequence (FlashAttention): key j visible to query i iff
+        ``j <= i + seqlen_k_b - seqlen_q_b``. For seqlen_q_b=2, seqlen_k_b=5::
+
+            x x x x .
+            x x x x x
+
+    window_size : (left, right), default (-1, -1)
+        Local attention: keys ``i + off - left <= j <= i + off + right`` with ``off = seqlen_k_b - seqlen_q_b``;
+        -1 = unbounded on that side. ``causal=True`` sets right to 0.
+    softcap : float, default 0.0
+        0 = off; else logits become ``softcap * tanh(logits / softcap)`` before any bias.
+    alibi_slopes : float32 Tensor (num_heads,) or (batch_size, num_heads), or None
+        FlashAttention's ALiBi: bias ``-slope * |i + seqlen_k_b - seqlen_q_b - j|``. Same as
+        ``position=ALiBi(alibi_slopes)``; giving both is an error.
+    deterministic : bool, default False
+        Deterministic backward (Triton backend; the torch backend always is).
+    return_attn_probs : bool, default False
+        If True, return ``(out, lse, None)`` as FlashAttention does: the attention probabilities are
+        never materialised, so the third entry is always None.
+    position : positional encoding(s) of ``posattn.positional``, keyword
+        RoPE, XPos, LearnedPhaseRoPE, ALiBi, RelativeBias, T5Bias, URPE or a list (one of each kind).
+        Positions restart at 0 in every sequence (key j of sequence b is at j). Per-token data uses
+        the packed axis: ``RoPE(position_ids=...)`` takes (total_k,) int ids, the rotation position of
+        every key token (queries read the id at their bottom-right aligned key index);
+        ``LearnedPhaseRoPE(freqs)`` takes freqs (1, num_heads, total_k), the cumulative phase restarting
+        at every sequence; ``ALiBi`` slopes may be per sequence (batch_size, num_heads). RoPE
+        ``scaling={"type": "dynamic"}`` is not supported here (it depends on each sequence's length).
+    backend : {"auto", "torch", "triton", "cuda"}, keyword
+        See the module docstring. "auto": CPU -> torch, GPU -> Triton.
+
+    Returns
+    -------
+    out : Tensor (total_q, num_heads, head_dim_v), q's dtype
+    lse : float32 Tensor (num_heads, total_q), natural-log logsumexp (only with return_attn_probs=True);
+        -inf for a query with no visible key.
+
+    Raises
+    ------
+    TypeError
+        Wrong type/dtype: q/k/v not fp16/bf16/fp32 or mixed; cu_seqlens not int32; alibi_slopes not fp32.
+    ValueError
+        Shapes that do not agree (message names the argument, the expected and the got shape);
+        cu_seqlens not starting at 0, decreasing, of different lengths, or whose last entry exceeds the
+        tokens given; ``max_seqlen_*`` smaller than a real length; bad window/softcap/dropout; an
+        unknown backend; position tensors of the wrong shape.
+    RuntimeError
+        An explicit backend that cannot run here.
+
+    Examples
+    --------
+    >>> q = torch.randn(7, 2, 8); k = torch.randn(7, 1, 8); v = torch.randn(7, 1, 8)
+    >>> cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)   # lengths 3, 0, 4
+    >>> out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True, return_attn_probs=True)
+    >>> out.shape, lse.shape
+    (torch.Size([7, 2, 8]), torch.Size([2, 7]))
+    """
+    a = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                      causal, window_size, softcap, alibi_slopes, deterministic, position)
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
+    which = resolve(backend, q.device, supported=("triton", "cuda", "torch"), op="varlen_attention")
+    if which == "cuda" and backend == "auto":  # no GPU measurement yet: auto never picks the CUDA kernel
+        which = "triton"
+    if which == "torch":
+        out, lse = _varlen_torch(q, k, v, a)
+    elif which == "triton":
+        out, lse = _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a)
+    else:
+        out, lse = _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, position=None, backend="auto"):
+    """``flash_attn_varlen_func`` for packed self-attention input ``qkv`` (total, 3, num_heads, head_dim).
+
+    FlashAttention's ``flash_attn_varlen_qkvpacked_func``: q, k, v = ``qkv.unbind(1)`` (views, no copy;
+    gradients flow back into ``qkv``), ``cu_seqlens``/``max_seqlen`` shared by queries and keys.
+    Other parameters, returns and errors as ``flash_attn_varlen_func``.
+
+    Examples
+    --------
+    >>> qkv = torch.randn(5, 3, 2, 8)
+    >>> cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    >>> flash_attn_varlen_qkvpacked_func(qkv, cu, 3).shape
+    torch.Size([5, 2, 8])
+    """
+    check_tensor("qkv", qkv, dtypes=FLOAT_DTYPES, ndim=4)
+    if qkv.shape[1] != 3:
+        raise ValueError(f"qkv: expected (total, 3, num_heads, head_dim), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  position=position, backend=backend)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    position=None, backend="auto"):
+    """``flash_attn_varlen_func`` with keys and values packed as ``kv`` (total_k, 2, num_heads_k, head_dim).
+
+    FlashAttention's ``flash_attn_varlen_kvpacked_func``: k, v = ``kv.unbind(1)`` (views). Other
+    parameters, returns and errors as ``flash_attn_varlen_func``.
+
+    Examples
+    --------
+    >>> q = torch.randn(3, 4, 8); kv = torch.randn(6, 2, 2, 8)
+    >>> cq = torch.tensor([0, 1, 3], dtype=torch.int32); ck = torch.tensor([0, 4, 6], dtype=torch.int32)
+    >>> flash_attn_varlen_kvpacked_func(q, kv, cq, ck, 2, 4, causal=True).shape
+    torch.Size([3, 4, 8])
+    """
+    check_tensor("kv", kv, dtypes=FLOAT_DTYPES, ndim=4)
+    if kv.shape[1] != 2:
+        raise ValueError(f"kv: expected (total_k, 2, num_heads_k, head_dim), got {tuple(kv.shape)}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, position=position, backend=backend)
+
+
+# =============================================================================================
+# torch backend: chunks of similar-length sequences through the dense torch backend
+# =============================================================================================
+
+# A chunk pads its sequences to its longest one; a new chunk starts when padding would add more than
+# CHUNK_SLACK of the chunk's real logits, unless the chunk is still tiny (CHUNK_MIN_WORK logits per
+# head), where one more dense call costs more than the padding. Tokens per chunk are bounded so a
+# chunk's padded q/k/v copies stay small.
+CHUNK_SLACK = 0.15
+CHUNK_MIN_WORK = 4096
+CHUNK_MAX_TOKENS = 1 << 16
+
+
+def plan_chunks(lens_q, lens_k, *, slack: float = CHUNK_SLACK, min_work: int = CHUNK_MIN_WORK,
+                max_tokens: int = CHUNK_MAX_TOKENS) -> list:
+    """Group sequences for the torch backend: a list of lists of sequence ids.
+
+    Sequences with no query are dropped. Only sequences with the same ``len_k - len_q`` share a
+    chunk (right padding then keeps every bottom-right alignment exact); within that class they are
+    sorted by length and cut greedily so that the padded logits ``n * Lq * Lk`` exceed the real ones
+    ``sum(lq * lk)`` by at most ``slack`` (or the chunk holds fewer than ``min_work`` logits).
+
+    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3], min_work=0)   # 3*4*4 = 48 > 1.15 * (9+9+16) logits
+    [[0, 3], [2]]
+    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3])               # tiny: one dense call is cheaper
+    [[0, 3, 2]]
+    """
+    classes: dict = {}
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        if lq > 0:
+            classes.setdefault(lk - lq, []).append(b)
+    chunks = []
+    for off in sorted(classes):
+        seqs = sorted(classes[off], key=lambda b: (lens_q[b], b))
+        cur, real = [], 0
+        for b in seqs:
+            lq, lk = lens_q[b], lens_k[b]
+            n = len(cur) + 1
+            padded = n * lq * lk  # sorted ascending: b is the longest so far
+            new_real = real + lq * lk
+            if cur and (padded > (1.0 + slack) * new_real and padded > min_work or n * max(lq, lk) > max_tokens):
+                chunks.append(cur)
+                cur, new_real = [], lq * lk
+            cur.append(b)
+            real = new_real
+        if cur:
+            chunks.append(cur)
+    return chunks
+
+
+def _chunk_position(spec, seqs, a: _Args, Lk: int, kidx: torch.Tensor, kvalid: torch.Tensor):
+    """The dense ``position`` of one chunk (batch = len(seqs), keys right-padded to Lk)."""
+    from .. import positional as _pos
+    import copy
+
+    items = []
+    for obj in spec:
+        if obj is None:
+            continue
+        o2 = copy.copy(obj)
+        if isinstance(obj, _pos.RoPE) and obj.position_ids is not None:
+            ids = obj.position_ids.reshape(-1)
+            # padded keys get id 0: they are masked out, the value only has to be a valid position
+            o2.position_ids = torch.where(kvalid, ids[kidx.clamp(max=max(ids.numel() - 1, 0))],
+                                          torch.zeros((), dtype=ids.dtype, device=ids.device))
+        elif isinstance(obj, _pos.ALiBi) and obj.slopes is not None and obj.slopes.dim() == 2:
+            o2.slopes = obj.slopes[torch.tensor(seqs, device=obj.slopes.device)]
+        elif isinstance(obj, _pos.LearnedPhaseRoPE):
+            fr = obj.freqs[0]  # (H, total_k)
+            # padded keys get frequency 1 (a valid value); they are after the real keys, so the real
+            # keys' cumulative phases are unchanged
+            g = fr[:, kidx.clamp(max=max(fr.shape[1] - 1, 0)).reshape(-1)].reshape(fr.shape[0], *kidx.shape)
+            g = torch.where(kvalid[None], g, torch.ones((), dtype=fr.dtype, device=fr.device))
+            o2.freqs = g.permute(1, 0, 2)  # (chunk, H, Lk)
+        items.append(o2)
+    return items or None
+
+
+def _varlen_torch(q, k, v, a: _Args):
+    from . import attention as _attn
+
+    dev = q.device
+    out = q.new_zeros((a.total_q, a.num_heads, a.head_dim_v))
+    lse = torch.full((a.num_heads, a.total_q), float("-inf"), dtype=torch.float32, device=dev)
+    chunks = plan_chunks(a.lens_q, a.lens_k)
+    if not chunks:
+        if q.requires_grad or k.requires_grad or v.requires_grad:
+            # keep the graph connected so backward gives zero gradients instead of an error
+            out = out + 0 * (q.sum() + k.sum() + v.sum())
+        return out, lse
+    outs, lses, rows = [], [], []
+    for seqs in chunks:
+        lq = torch.tensor([a.lens_q[b] for b in seqs], device=dev)
+        lk = torch.tensor([a.lens_k[b] for b in seqs], device=dev)
+        sq = torch.tensor([a.cu_q[b] for b in seqs], device=dev)
+        sk = torch.tensor([a.cu_k[b] for b in seqs], device=dev)
+        Lq, Lk = int(lq.max()), int(lk.max())
+        ar_q = torch.arange(Lq, device=dev)
+        ar_k = torch.arange(Lk, device=dev)
+        qvalid = ar_q[None] < lq[:, None]                     # (n, Lq)
+        kvalid = ar_k[None] < lk[:, None]                     # (n, Lk)
+        qidx = torch.where(qvalid, sq[:, None] + ar_q[None], 0)
+        kidx = torch.where(kvalid, sk[:, None] + ar_k[None], 0)
+        qc = q[qidx]                                          # (n, Lq, H, D); padded rows hold row 0
+        kc = k[kidx] if a.total_k else k.new_zeros((len(seqs), Lk, a.num_heads_k, a.head_dim))
+        vc = v[kidx] if a.total_k else v.new_zeros((len(seqs), Lk, a.num_heads_k, a.head_dim_v))
+        key_mask = kvalid[:, None, None, :]                   # (n, 1, 1, Lk) bool, True = attend
+        pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx, kvalid), batch_size=len(seqs),
+                            num_heads=a.num_heads, seqlen_q=Lq, seqlen_k=Lk, head_dim=a.head_dim, offset=Lk - Lq,
+                            device=dev)
+        oc, lc = _attn.fused_attention(qc, kc, vc, attn_mask=key_mask, softmax_scale=a.softmax_scale,
+                                       causal=a.causal, offset=Lk - Lq, window_left=a.window_left,
+                                       window_right=a.window_right, softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
+                                       deterministic=a.deterministic, backend="torch")
+        sel = qvalid.reshape(-1)
+        outs.append(oc.reshape(-1, a.num_heads, a.head_dim_v)[sel])
+        lses.append(lc.permute(1, 0, 2).reshape(a.num_heads, -1)[:, sel])
+        rows.append(qidx.reshape(-1)[sel])
+    rows = torch.cat(rows)
+    out = out.index_copy(0, rows, torch.cat(outs))
+    lse = lse.index_copy(1, rows, torch.cat(lses, dim=1).to(torch.float32))
+    return out, lse
+
+
+# =============================================================================================
+# Triton and CUDA backends
+# =============================================================================================
+
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
+    raise RuntimeError("backend='triton': the varlen Triton path is not wired yet")
+
+
+def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
+    raise RuntimeError("backend='cuda': the varlen CUDA C++ forward is not wired yet")
+
+
+ops_registry.register("varlen_attention", "posattn.ops.varlen", ("triton", "cuda", "torch"))
+ops_registry.register("unpad_pad", "posattn.ops.varlen", ("cuda", "torch"))
