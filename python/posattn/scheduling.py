@@ -231,7 +231,7 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
         G = num_ctas
     q = -(-T // G) if T else 0
     hl = T - (q - 1) * G if T else 0
-    starts = [c * q if c < hl else hl * q + (c - hl) * (q - 1) for c in range(G)] + [T]
+    starts = [c * q if c < hl else hl * q + (c - hl) * (q - 1) for c in range(G)] + [T] if T else [0] * (G + 1)
     return _from_cuts("lean", offsets, tb, th, tm, starts)
 
 
