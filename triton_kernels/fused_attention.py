@@ -1,0 +1,1000 @@
+"""Fused attention with positional encodings computed inside the kernel: forward and backward.
+
+FlashAttention-2 structure (Dao, arXiv 2307.08691): the forward keeps the online-softmax state
+``(m_i, l_i, acc)`` per block of query rows and writes ``out`` and the fp32 ``lse``; the backward
+recomputes the probabilities from ``lse`` in two kernels, one per key block (dk, dv; reduced over
+the GQA group inside the program) and one per query block (dq and the positional parameters'
+gradients), so no float atomics are used anywhere and every gradient is deterministic.
+
+Encodings (docs/INTERNALS.md "Kernel-facing PE arguments", math in ``positional.py``): RoPE (both
+layouts, partial rotary_dim, position_ids, YaRN factor), xPos, learned (CARoPE) phases, ALiBi,
+RelativeBias, T5 buckets, URPE, one rotary + one additive bias + URPE at a time. Also causal with
+an offset, a sliding window, softcap, a dense attn_mask (bool or float, broadcast strides), GQA/MQA,
+dropout (in-kernel Philox, same mask regenerated in the backward), varlen (cu_seqlens).
+
+Nothing here checks arguments: the op layer (python/posattn/ops/attention.py, ops/varlen.py)
+validates; launchers only compute. Not yet run on a GPU: correctness is tested under
+``TRITON_INTERPRET=1`` and the configs below only compile-checked for sm_80 / sm_90.
+
+Launchers
+---------
+``fused_attention_fwd(q, k, v, out, lse, **options)`` and
+``fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, **options)``, see their docstrings.
+``dropout_keep_mask(...)`` returns the keep-mask the kernels draw for a seed (tests, debugging).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .positional import (additive_bias, relative_index, rotary_cols, rotary_cos_sin, rotary_dphase, rotate_pairs,
+                         toeplitz_accumulate, urpe_coef)
+
+__all__ = ["fused_attention_fwd", "fused_attention_bwd", "dropout_keep_mask", "FWD_CONFIGS", "BWD_CONFIGS",
+           "config_for"]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# "unbounded" window side; int32-safe and larger than any sequence the kernels index
+_UNBOUNDED = 1 << 30
+
+# Launch configs per head_dim bucket (the padded max(head_dim, head_dim_v) rounds up to a key).
+# FlashAttention-2's Triton defaults: BLOCK_N 64 while head_dim <= 64, 32 above so that
+# q/acc (BLOCK_M x d) plus the k/v tiles fit the register file at 4-8 warps. Another engineer
+# AOT-compiles these for sm_80 / sm_90 to read registers and spills (not yet run on a GPU).
+FWD_CONFIGS = {
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+}
+# Backward: the dk/dv kernel holds two BLOCK_N x d fp32 accumulators and the dq kernel one
+# BLOCK_M x d, so smaller tiles than the forward.
+BWD_CONFIGS = {
+    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+}
+
+
+def config_for(configs: dict, head_dim: int) -> dict:
+    """The config of the smallest bucket >= head_dim (head_dim <= 256)."""
+    for bucket in sorted(configs):
+        if head_dim <= bucket:
+            return dict(configs[bucket])
+    raise ValueError(f"head_dim: expected <= {max(configs)}, got {head_dim}")
+
+
+# ------------------------------------------------------------------------------------------------
+# shared @triton.jit pieces
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k, offset, bottom_right,
+                         IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k, off) of sequence off_b, all int64.
+
+    Dense: starts 0, the call's lengths. Varlen: from cu_seqlens, positions restart at 0.
+    ``off``: query row i sits at i + off; bottom-right alignment (FlashAttention) per sequence
+    when ``bottom_right`` is set, else the given offset.
+    """
+    zero = off_b * 0
+    if IS_VARLEN:
+        q_start = tl.load(CU_SEQLENS_Q + off_b).to(tl.int64)
+        sq = tl.load(CU_SEQLENS_Q + off_b + 1).to(tl.int64) - q_start
+        k_start = tl.load(CU_SEQLENS_K + off_b).to(tl.int64)
+        sk = tl.load(CU_SEQLENS_K + off_b + 1).to(tl.int64) - k_start
+    else:
+        q_start = zero
+        k_start = zero
+        sq = zero + seqlen_q
+        sk = zero + seqlen_k
+    if bottom_right:
+        off = sk - sq
+    else:
+        off = zero + offset
+    return q_start, k_start, sq, sk, off
+
+
+@triton.jit
+def _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+                            qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                            MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                            slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                            SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_MODE: tl.constexpr,
+                            BIAS_MODE: tl.constexpr):
+    """Logits of one [BLOCK_M, BLOCK_N] block in log2 units, -inf where not visible.
+
+    Order (reference.attention): scale, softcap, positional bias, float mask, masks.
+    ``qk_scale2 = softmax_scale * log2(e)``: log2(e) is folded into the scale so the softmax runs
+    on exp2. With softcap: ``softcap * tanh(scale qk / softcap)``, with ``softcap2 = softcap *
+    log2(e)`` and ``softcap_scale = softmax_scale / softcap``. Also returns ``th`` (the tanh, for the
+    softcap backward; qk when off) and ``rel = j - (i + off)``.
+    """
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp over/underflows
+        th = 1.0 - 2.0 / (tl.exp2(qk * (2.0 * LOG2E * softcap_scale)) + 1.0)
+        s = th * softcap2
+    else:
+        th = qk
+        s = qk * qk_scale2
+    rel = offs_n[None, :] - (offs_m[:, None] + off)
+    keep = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
+    if BIAS_MODE != 0:
+        s += additive_bias(rel, slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance, BIAS_MODE) * LOG2E
+    if MASK_MODE != 0:
+        mk = tl.load(MASK + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm
+                     + offs_n[None, :] * stride_mn, mask=keep, other=0)
+        if MASK_MODE == 1:
+            keep = keep & (mk != 0)
+        else:
+            s += mk.to(tl.float32) * LOG2E
+    if HAS_WINDOW:
+        keep = keep & (rel >= -window_left) & (rel <= window_right)
+    s = tl.where(keep, s, float("-inf"))
+    return s, th, rel
+
+
+@triton.jit
+def _dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p):
+    """Keep-mask [BLOCK_M, BLOCK_N]: Philox uniform at the element's global index >= dropout_p.
+
+    Index ``(h * rng_rows + row) * rng_cols + col`` (int64) with row the global query token
+    (b * seqlen_q + i dense, the packed token varlen): forward and backward draw the same bits.
+    """
+    idx = (off_h * rng_rows + rows)[:, None] * rng_cols + offs_n[None, :]
+    return tl.rand(seed, idx) >= dropout_p
+
+
+@triton.jit
+def _rotary_positions(POS_IDS_B, tok, valid, HAS_POS_IDS: tl.constexpr):
+    """Rotation positions of a block: ``position_ids[tok]`` or the index ``tok``."""
+    if HAS_POS_IDS:
+        pos = tl.load(POS_IDS_B + tok, mask=valid, other=0).to(tl.int64)
+    else:
+        pos = tok
+    return pos
+
+
+# ------------------------------------------------------------------------------------------------
+# forward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fused_attention_fwd_kernel(
+    Q, K, V, O, LSE,
+    CU_SEQLENS_Q, CU_SEQLENS_K, MASK, ALIBI, BIAS_TABLE, T5_LUT, URPE_TABLE, INV_FREQ, POS_IDS, PHASES,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh, stride_lb, stride_lh, stride_lm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah, stride_th, stride_ti, stride_uh, stride_ui,
+    stride_pb, stride_phb, stride_phh, stride_pht,
+    num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, offset, bottom_right,
+    qk_scale2, softcap_scale, softcap2, window_left, window_right, bias_max_distance, urpe_max_distance,
+    rotary_half, rotary_scale, xpos_scale_base, dropout_p, dropout_scale, seed, rng_rows, rng_cols,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
+    BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Shapes (dense / varlen):
+    #   Q   (batch, seqlen_q, num_heads, head_dim)     / (total_q, num_heads, head_dim)     stride_qb = 0 varlen
+    #   K   (batch, seqlen_k, num_heads_k, head_dim)   / (total_k, num_heads_k, head_dim)
+    #   V   (batch, seqlen_k, num_heads_k, head_dim_v) / (total_k, num_heads_k, head_dim_v)
+    #   O   like Q with head_dim_v;  LSE fp32 (batch, num_heads, seqlen_q) / (num_heads, total_q), natural log
+    #   last-dim stride 1 everywhere. Grid: (cdiv(max seqlen_q, BLOCK_M), batch * num_heads).
+    tl.static_assert(HEAD_DIM >= 16, "HEAD_DIM (padded head_dim) must be >= 16")
+    tl.static_assert(HEAD_DIM_V >= 16, "HEAD_DIM_V (padded head_dim_v) must be >= 16")
+    tl.static_assert(BIAS_MODE >= 0 and BIAS_MODE <= 3, "BIAS_MODE: 0 none, 1 ALiBi, 2 RelativeBias, 3 T5")
+    tl.static_assert(ROTARY_MODE >= 0 and ROTARY_MODE <= 3, "ROTARY_MODE: 0 none, 1 RoPE, 2 xPos, 3 phases")
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    off_hk = off_h // group
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    if start_m >= sq:
+        return
+    dtype = Q.dtype.element_ty
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, HEAD_DIM)
+    if ROTARY_MODE != 0:
+        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
+    else:
+        cols = offs_c
+    d_ok = cols < head_dim
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    dv_ok = offs_dv < head_dim_v
+    m_ok = offs_m < sq
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None] * stride_qm + cols[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
+    POS_IDS_B = POS_IDS + off_b * stride_pb
+    xpos_center = 0
+    if ROTARY_MODE != 0:
+        tok_q = offs_m + off
+        pos_q = _rotary_positions(POS_IDS_B, tok_q, m_ok, HAS_POS_IDS)
+        if ROTARY_MODE == 2:
+            # xPos centre per query block: the largest query position, so causal key factors stay <= 1
+            xpos_center = tl.max(tl.where(m_ok, pos_q, -_UNBOUNDED), 0)
+        cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2)
+        q = rotate_pairs(q.to(tl.float32), cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+
+    slope = 0.0
+    if BIAS_MODE == 1:
+        slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
+    TABLE_H = BIAS_TABLE + off_h * stride_th
+    URPE_H = URPE_TABLE + off_h * stride_uh
+    rows = off_b * (seqlen_q * (1 - IS_VARLEN)) + q_start + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_V], dtype=tl.float32)
+
+    # key blocks: causal / window blocks outside the band are skipped by the bounds, not masked
+    lo = sk * 0
+    hi = sk
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m + off - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + (BLOCK_M - 1) + off + window_right + 1, sk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sk
+        k = tl.load(K_bh + offs_n[:, None] * stride_kn + cols[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if ROTARY_MODE != 0:
+            pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
+            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
+                                     rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
+                                     HEAD_DIM // 2)
+            k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+                                             qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                                             MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                                             slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                                             SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no visible key yet keeps m = -inf: subtract 0 instead (never -inf - (-inf))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_URPE:
+            # URPE multiplies the numerator only; l_i stays the softmax normaliser
+            p = p * urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p), p * dropout_scale, 0.0)
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+    tl.store(O + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om + offs_dv[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & dv_ok[None, :])
+    tl.store(LSE + off_b * stride_lb + off_h * stride_lh + (q_start + offs_m) * stride_lm, lse, mask=m_ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# backward
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fused_attention_bwd_preprocess(
+    O, DO, DELTA, CU_SEQLENS_Q,
+    stride_ob, stride_om, stride_oh, stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm,
+    num_heads, seqlen_q, head_dim_v,
+    BLOCK_M: tl.constexpr, HEAD_DIM_V: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    # delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij, also with URPE and dropout (o_i already
+    # carries C and the dropout mask): the softmax backward's row term. Layout of LSE.
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    q_start, _k_start, sq, _sk, _off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_Q, off_b, seqlen_q, seqlen_q,
+                                                            0, 0, IS_VARLEN)
+    if start_m >= sq:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    msk = (offs_m < sq)[:, None] & (offs_dv < head_dim_v)[None, :]
+    rows = (q_start + offs_m)[:, None]
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_dv[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_dv[None, :], mask=msk,
+                 other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + off_b * stride_lb + off_h * stride_lh + (q_start + offs_m) * stride_lm, delta, mask=offs_m < sq)
+
+
+@triton.jit
+def _fused_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DPHASES_K,
+    CU_SEQLENS_Q, CU_SEQLENS_K, MASK, ALIBI, BIAS_TABLE, T5_LUT, URPE_TABLE, INV_FREQ, POS_IDS, PHASES,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm,
+    stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah, stride_th, stride_ti, stride_uh, stride_ui,
+    stride_pb, stride_phb, stride_phh, stride_pht,
+    num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v, offset, bottom_right,
+    sm_scale, qk_scale2, softcap_scale, softcap2, window_left, window_right, bias_max_distance, urpe_max_distance,
+    rotary_half, rotary_scale, xpos_scale_base, dropout_p, dropout_scale, seed, rng_rows, rng_cols,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
+    BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program per (key block, batch, kv head): dk, dv of BLOCK_N keys, summed over the query
+    # heads of the GQA group (the loop over g) and over the query blocks that see these keys.
+    # Rotary: dk_t is the gradient w.r.t. the rotated key of head g; it is rotated back per head
+    # (learned phases differ per query head) and, for learned phases, its angle gradient written to
+    # DPHASES_K[b, h, j] (one writer per element). Grid: (cdiv(max seqlen_k, BLOCK_N), batch * num_heads_k).
+    start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // num_heads_k
+    off_hk = off_bh % num_heads_k
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    if start_n >= sk:
+        return
+    dtype = Q.dtype.element_ty
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < sk
+    offs_c = tl.arange(0, HEAD_DIM)
+    if ROTARY_MODE != 0:
+        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
+    else:
+        cols = offs_c
+    d_ok = cols < head_dim
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    dv_ok = offs_dv < head_dim_v
+
+    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n)[:, None] * stride_kn + cols[None, :],
+                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n)[:, None] * stride_vn
+                + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    POS_IDS_B = POS_IDS + off_b * stride_pb
+    xpos_center = 0
+    if ROTARY_MODE != 0:
+        pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
+        if ROTARY_MODE == 2:
+            # xPos centre per key block here (any common centre cancels): the smallest key position
+            xpos_center = tl.min(tl.where(n_ok, pos_k, _UNBOUNDED), 0)
+
+    # query blocks that see these keys: key j visible to i iff j - off - right <= i <= j - off + left
+    lo = sq * 0
+    hi = sq
+    if HAS_WINDOW:
+        lo = tl.maximum(start_n - off - window_right, 0) // BLOCK_M * BLOCK_M
+        hi = tl.minimum(start_n + (BLOCK_N - 1) - off + window_left + 1, sq)
+
+    for g in range(0, group):
+        off_h = off_hk * group + g
+        PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
+        if ROTARY_MODE != 0:
+            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
+                                     head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2)
+            kt = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
+        else:
+            kt = k
+        slope = 0.0
+        if BIAS_MODE == 1:
+            slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
+        TABLE_H = BIAS_TABLE + off_h * stride_th
+        URPE_H = URPE_TABLE + off_h * stride_uh
+        dkt = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for start_m in range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < sq
+            rows_q = (q_start + offs_m)
+            q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_q[:, None] * stride_qm + cols[None, :],
+                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            if ROTARY_MODE != 0:
+                tok_q = offs_m + off
+                pos_q = _rotary_positions(POS_IDS_B, tok_q, m_ok, HAS_POS_IDS)
+                cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
+                                         rotary_scale, head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE,
+                                         HEAD_DIM // 2)
+                q = rotate_pairs(q.to(tl.float32), cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+            do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_q[:, None] * stride_dom + offs_dv[None, :],
+                         mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+            lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok,
+                          other=float("inf"))
+            # fully masked rows have lse -inf: use +inf so their (all -inf) logits give p = 0
+            lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+            delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
+            s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+                                                 qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                                                 MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                                                 slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                                                 SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+            p = tl.exp2(s - lse2[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            pv = p
+            if HAS_URPE:
+                coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
+                pv = pv * coef
+                dp = dp * coef
+            if DROPOUT:
+                keep = _dropout_keep(seed, off_h, off_b * (seqlen_q * (1 - IS_VARLEN)) + rows_q, offs_n,
+                                     rng_rows, rng_cols, dropout_p)
+                pv = tl.where(keep, pv * dropout_scale, 0.0)
+                dp = tl.where(keep, dp * dropout_scale, 0.0)
+            dv += tl.dot(tl.trans(pv.to(dtype)), do, input_precision=DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:
+                ds = ds * (1.0 - th * th)
+            dkt += tl.dot(tl.trans((ds * sm_scale).to(dtype)), q, input_precision=DOT_PRECISION)
+        if ROTARY_MODE != 0:
+            dk += rotate_pairs(dkt, ck, -sk_, BLOCK_N, HEAD_DIM)
+            if ROTARY_MODE == 3:
+                dph = rotary_dphase(k.to(tl.float32), dkt, ck, sk_, BLOCK_N, HEAD_DIM)
+                pair = tl.arange(0, HEAD_DIM // 2)
+                tl.store(DPHASES_K + off_b * stride_phb + off_h * stride_phh + offs_n[:, None] * stride_pht
+                         + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
+        else:
+            dk += dkt
+
+    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn + cols[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvn
+             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _fused_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, DPHASES_Q, DBIAS_PART, DURPE_PART,
+    CU_SEQLENS_Q, CU_SEQLENS_K, MASK, ALIBI, BIAS_TABLE, T5_LUT, URPE_TABLE, INV_FREQ, POS_IDS, PHASES,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_lb, stride_lh, stride_lm,
+    stride_dqb, stride_dqm, stride_dqh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ab, stride_ah, stride_th, stride_ti, stride_uh, stride_ui,
+    stride_pb, stride_phb, stride_phh, stride_pht,
+    num_heads, group, seqlen_q, seqlen_k, head_dim, head_dim_v, offset, bottom_right,
+    sm_scale, qk_scale2, softcap_scale, softcap2, window_left, window_right, bias_max_distance, urpe_max_distance,
+    rotary_half, rotary_scale, xpos_scale_base, dropout_p, dropout_scale, seed, rng_rows, rng_cols,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
+    BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_DBIAS: tl.constexpr, NEED_DURPE: tl.constexpr, DIAG: tl.constexpr,
+    BIAS_TABLE_BLOCK: tl.constexpr, URPE_TABLE_BLOCK: tl.constexpr,
+):
+    # One program per (query block, batch, head): dq of BLOCK_M rows, the learned-phase gradient of
+    # these query rows (DPHASES_Q[b, h, i + off]), and this program's partial Toeplitz-table
+    # gradients (d bias per clamped relative distance, d URPE coefficient), written once to its own
+    # row of DBIAS_PART / DURPE_PART (num_m_blocks, batch * num_heads, TABLE_BLOCK) and summed by
+    # the launcher: deterministic, O(table x programs) memory, never seqlen_q x seqlen_k.
+    # Grid: (cdiv(max seqlen_q, BLOCK_M), batch * num_heads).
+    pid_m = tl.program_id(0).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    off_hk = off_h // group
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    if start_m >= sq:
+        return
+    dtype = Q.dtype.element_ty
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < sq
+    offs_c = tl.arange(0, HEAD_DIM)
+    if ROTARY_MODE != 0:
+        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
+    else:
+        cols = offs_c
+    d_ok = cols < head_dim
+    offs_dv = tl.arange(0, HEAD_DIM_V)
+    dv_ok = offs_dv < head_dim_v
+    rows_q = q_start + offs_m
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_q[:, None] * stride_qm + cols[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_q[:, None] * stride_dom + offs_dv[None, :],
+                 mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
+    lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=0.0)
+    K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
+    V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
+    PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
+    POS_IDS_B = POS_IDS + off_b * stride_pb
+    xpos_center = 0
+    q32 = q.to(tl.float32)
+    if ROTARY_MODE != 0:
+        tok_q = offs_m + off
+        pos_q = _rotary_positions(POS_IDS_B, tok_q, m_ok, HAS_POS_IDS)
+        if ROTARY_MODE == 2:
+            xpos_center = tl.max(tl.where(m_ok, pos_q, -_UNBOUNDED), 0)
+        cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2)
+        q = rotate_pairs(q32, cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+    slope = 0.0
+    if BIAS_MODE == 1:
+        slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
+    TABLE_H = BIAS_TABLE + off_h * stride_th
+    URPE_H = URPE_TABLE + off_h * stride_uh
+    rows = off_b * (seqlen_q * (1 - IS_VARLEN)) + rows_q
+
+    dqt = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dbias_acc = tl.zeros([BIAS_TABLE_BLOCK], dtype=tl.float32)
+    durpe_acc = tl.zeros([URPE_TABLE_BLOCK], dtype=tl.float32)
+
+    lo = sk * 0
+    hi = sk
+    if HAS_WINDOW:
+        lo = tl.maximum(start_m + off - window_left, 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(start_m + (BLOCK_M - 1) + off + window_right + 1, sk)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < sk
+        k = tl.load(K_bh + offs_n[:, None] * stride_kn + cols[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if ROTARY_MODE != 0:
+            pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
+            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
+                                     rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
+                                     HEAD_DIM // 2)
+            k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+                    other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+                                             qk_scale2, softcap_scale, softcap2, window_left, window_right,
+                                             MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                                             slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                                             SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+        p = tl.exp2(s - lse2[:, None])
+        dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dO_i . v_j
+        dp = dpv
+        if HAS_URPE:
+            coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
+            dp = dp * coef
+        if DROPOUT:
+            keep = _dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+            dpv = tl.where(keep, dpv * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])  # d loss / d logit (natural units), = d loss / d bias
+        if NEED_DBIAS:
+            dbias_acc = toeplitz_accumulate(dbias_acc, ds, start_n - start_m - off, bias_max_distance,
+                                            BLOCK_M, BLOCK_N, DIAG, BIAS_TABLE_BLOCK)
+        if NEED_DURPE:
+            # d loss / d C_ij = P_ij * keep_ij / (1 - p) * (dO_i . v_j)  (ALGORITHMS.md 5.5)
+            durpe_acc = toeplitz_accumulate(durpe_acc, p * dpv, start_n - start_m - off, urpe_max_distance,
+                                            BLOCK_M, BLOCK_N, DIAG, URPE_TABLE_BLOCK)
+        if SOFTCAP:
+            ds = ds * (1.0 - th * th)
+        dqt += tl.dot((ds * sm_scale).to(dtype), k, input_precision=DOT_PRECISION)
+
+    if ROTARY_MODE != 0:
+        dq = rotate_pairs(dqt, cq, -sq_, BLOCK_M, HEAD_DIM)
+        if ROTARY_MODE == 3:
+            dph = rotary_dphase(q32, dqt, cq, sq_, BLOCK_M, HEAD_DIM)
+            pair = tl.arange(0, HEAD_DIM // 2)
+            tl.store(DPHASES_Q + off_b * stride_phb + off_h * stride_phh + tok_q[:, None] * stride_pht
+                     + pair[None, :], dph, mask=m_ok[:, None] & (pair < rotary_half)[None, :])
+    else:
+        dq = dqt
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_q[:, None] * stride_dqm + cols[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    part_row = pid_m * tl.num_programs(1) + off_bh
+    if NEED_DBIAS:
+        bins = tl.arange(0, BIAS_TABLE_BLOCK)
+        tl.store(DBIAS_PART + part_row * BIAS_TABLE_BLOCK + bins, dbias_acc, mask=bins <= 2 * bias_max_distance)
+    if NEED_DURPE:
+        bins_u = tl.arange(0, URPE_TABLE_BLOCK)
+        tl.store(DURPE_PART + part_row * URPE_TABLE_BLOCK + bins_u, durpe_acc, mask=bins_u <= 2 * urpe_max_distance)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, CU_SEQLENS_Q, num_heads, seqlen_q, seqlen_k, dropout_p, seed, rng_rows, rng_cols,
+                         stride_ob, stride_oh, stride_om,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_VARLEN: tl.constexpr):
+    # OUT uint8 (batch, heads, seqlen_q, seqlen_k) dense or (heads, total_q, max_seqlen_k) varlen
+    start_m = tl.program_id(0).to(tl.int64) * BLOCK_M
+    off_bh = tl.program_id(1).to(tl.int64)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    q_start, _k_start, sq, _sk, _off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_Q, off_b, seqlen_q, seqlen_q,
+                                                            0, 0, IS_VARLEN)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows = off_b * (seqlen_q * (1 - IS_VARLEN)) + q_start + offs_m
+    for start_n in range(0, seqlen_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p)
+        tl.store(OUT + off_b * stride_ob + off_h * stride_oh + (q_start + offs_m)[:, None] * stride_om
+                 + offs_n[None, :], keep.to(tl.uint8), mask=(offs_m < sq)[:, None] & (offs_n < seqlen_k)[None, :])
+
+
+# ------------------------------------------------------------------------------------------------
+# host side
+# ------------------------------------------------------------------------------------------------
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=64)
+def _t5_lut_cpu(num_buckets: int, max_distance: int, bidirectional: bool) -> torch.Tensor:
+    """int32 bucket of every rel in [-(D+1), D+1] (D = max_distance), from the reference's own
+    bucket function so kernel and reference agree exactly; beyond +-D every bucket is constant."""
+    from posattn.reference import t5_bucket
+    d = max_distance + 1
+    rel = torch.arange(-d, d + 1)
+    return t5_bucket(rel, num_buckets, max_distance, bidirectional).to(torch.int32)
+
+
+def _t5_lut(pe, device) -> torch.Tensor:
+    return _t5_lut_cpu(int(pe.num_buckets), int(pe.max_distance), bool(pe.bidirectional)).to(device)
+
+
+class _Launch:
+    """Everything the three kernels share, computed once per call from the launcher options."""
+
+    def __init__(self, q, k, v, *, softmax_scale, causal, offset, window_left, window_right, softcap, pe,
+                 attn_mask, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+        from posattn.positional import KernelPE
+        pe = KernelPE() if pe is None else pe
+        self.pe = pe
+        self.varlen = cu_seqlens_q is not None
+        dummy = q
+        if self.varlen:
+            self.batch = cu_seqlens_q.numel() - 1
+            _, self.num_heads, self.head_dim = q.shape
+            self.num_heads_k = k.shape[1]
+            self.head_dim_v = v.shape[2]
+            self.seqlen_q = int(max_seqlen_q)
+            self.seqlen_k = int(max_seqlen_k)
+            self.rng_rows = q.shape[0]
+            self.qs = (0, q.stride(0), q.stride(1))
+            self.ks = (0, k.stride(0), k.stride(1))
+            self.vs = (0, v.stride(0), v.stride(1))
+            self.cu_q, self.cu_k = cu_seqlens_q, cu_seqlens_k
+        else:
+            self.batch, self.seqlen_q, self.num_heads, self.head_dim = q.shape
+            self.seqlen_k, self.num_heads_k = k.shape[1], k.shape[2]
+            self.head_dim_v = v.shape[3]
+            self.rng_rows = self.batch * self.seqlen_q
+            self.qs = (q.stride(0), q.stride(1), q.stride(2))
+            self.ks = (k.stride(0), k.stride(1), k.stride(2))
+            self.vs = (v.stride(0), v.stride(1), v.stride(2))
+            self.cu_q = self.cu_k = torch.zeros(1, dtype=torch.int32, device=q.device)
+        self.group = self.num_heads // self.num_heads_k
+        self.rng_cols = self.seqlen_k
+        self.bottom_right = 1 if offset is None else 0
+        self.offset = 0 if offset is None else int(offset)
+        self.sm_scale = float(self.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
+        self.softcap = float(softcap or 0.0)
+        left = int(window_left) if window_left is not None and window_left >= 0 else _UNBOUNDED
+        right = int(window_right) if window_right is not None and window_right >= 0 else _UNBOUNDED
+        if causal:
+            right = min(right, 0)
+        self.window = (left, right)
+        self.has_window = bool(causal) or left != _UNBOUNDED or right != _UNBOUNDED
+        self.dropout_p = float(dropout_p)
+        self.seed = int(seed)
+
+        if attn_mask is None or self.varlen:
+            self.mask, self.mask_mode, self.ms = dummy, 0, (0, 0, 0, 0)
+        else:
+            m = attn_mask
+            mode = 1 if m.dtype == torch.bool else 2
+            if mode == 1:
+                m = m.view(torch.uint8)
+            m = torch.broadcast_to(m, (self.batch, self.num_heads, self.seqlen_q, self.seqlen_k))
+            self.mask, self.mask_mode, self.ms = m, mode, tuple(m.stride())
+
+        # positional encodings
+        self.alibi = pe.alibi_slopes if pe.bias_mode == 1 else dummy
+        self.as_ = (pe.alibi_slopes.stride(0), pe.alibi_slopes.stride(1)) if pe.bias_mode == 1 else (0, 0)
+        self.t5_lut = dummy
+        self.bias_md = 0
+        if pe.bias_mode == 2:
+            t = pe.bias_table
+            self.table, self.ts, self.bias_md = t, (t.stride(0), t.stride(1)), int(pe.max_distance)
+        elif pe.bias_mode == 3:
+            t = pe.bias_table  # (num_buckets, num_heads): row = bucket
+            self.table, self.ts, self.bias_md = t, (t.stride(1), t.stride(0)), int(pe.max_distance) + 1
+            self.t5_lut = _t5_lut(pe, q.device)
+        else:
+            self.table, self.ts = dummy, (0, 0)
+        if pe.urpe_table is not None:
+            u = pe.urpe_table
+            self.urpe, self.us, self.urpe_md = u, (u.stride(0), u.stride(1)), int(pe.urpe_max_distance)
+        else:
+            self.urpe, self.us, self.urpe_md = dummy, (0, 0), 0
+        self.rotary_mode = int(pe.rotary_mode)
+        self.inv_freq = pe.inv_freq if pe.inv_freq is not None else dummy
+        if pe.position_ids is not None:
+            ids = pe.position_ids
+            self.pos_ids, self.pos_stride = ids, (ids.stride(0) if ids.shape[0] > 1 else 0)
+        else:
+            self.pos_ids, self.pos_stride = dummy, 0
+        if pe.phases is not None:
+            ph = pe.phases
+            self.phases = ph
+            self.ps = (ph.stride(0) if ph.shape[0] > 1 else 0, ph.stride(1), ph.stride(2))
+        else:
+            self.phases, self.ps = dummy, (0, 0, 0)
+        self.rotary_half = int(pe.rotary_dim) // 2 if self.rotary_mode else 0
+        self.interleaved = bool(pe.interleaved) or self.rotary_mode == 2
+        self.HEAD_DIM = max(16, _next_pow2(self.head_dim))
+        self.HEAD_DIM_V = max(16, _next_pow2(self.head_dim_v))
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+
+    def common_args(self):
+        """Kernel arguments after the tensor pointers and their own strides (shared order)."""
+        return (*self.ms, *self.as_, *self.ts, *self.us, self.pos_stride, *self.ps)
+
+    def scalars(self, with_sm_scale: bool):
+        s = self.softcap
+        qk_scale2 = self.sm_scale * LOG2E
+        extra = (self.sm_scale,) if with_sm_scale else ()
+        return (*extra, qk_scale2, (self.sm_scale / s) if s > 0 else 0.0, s * LOG2E,
+                self.window[0], self.window[1], self.bias_md, self.urpe_md,
+                self.rotary_half, float(self.pe.rotary_scale), float(self.pe.xpos_scale_base),
+                self.dropout_p, 1.0 / (1.0 - self.dropout_p), self.seed, self.rng_rows, self.rng_cols)
+
+    def pe_ptrs(self):
+        return (self.cu_q, self.cu_k, self.mask, self.alibi, self.table, self.t5_lut, self.urpe, self.inv_freq,
+                self.pos_ids, self.phases)
+
+    def constexprs(self):
+        return dict(HEAD_DIM=self.HEAD_DIM, HEAD_DIM_V=self.HEAD_DIM_V, IS_VARLEN=self.varlen,
+                    HAS_WINDOW=self.has_window, SOFTCAP=self.softcap > 0, MASK_MODE=self.mask_mode,
+                    BIAS_MODE=int(self.pe.bias_mode), HAS_URPE=self.pe.urpe_table is not None,
+                    ROTARY_MODE=self.rotary_mode, INTERLEAVED=self.interleaved,
+                    HAS_POS_IDS=self.pe.position_ids is not None, DROPOUT=self.dropout_p > 0,
+                    DOT_PRECISION=self.dot_precision)
+
+
+def _lse_strides(lse, varlen):
+    return (0, lse.stride(0), lse.stride(1)) if varlen else tuple(lse.stride())
+
+
+def _row_strides(t, varlen):
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
+    cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V))
+    if block_m is not None:
+        cfg["BLOCK_M"] = int(block_m)
+    if block_n is not None:
+        cfg["BLOCK_N"] = int(block_n)
+    if num_warps is not None:
+        cfg["num_warps"] = int(num_warps)
+    if num_stages is not None:
+        cfg["num_stages"] = int(num_stages)
+    return cfg
+
+
+def fused_attention_fwd(q, k, v, out, lse, *, softmax_scale=None, causal=False, offset=0, window_left=-1,
+                        window_right=-1, softcap=0.0, pe=None, attn_mask=None, dropout_p=0.0, seed=0,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                        block_m=None, block_n=None, num_warps=None, num_stages=None) -> None:
+    """Fused attention forward with positional encodings computed in the kernel (no checks here).
+
+    Parameters
+    ----------
+    q : (batch, seqlen_q, num_heads, head_dim), or (total_q, num_heads, head_dim) with cu_seqlens
+    k : (batch, seqlen_k, num_heads_k, head_dim), or (total_k, num_heads_k, head_dim)
+    v : (batch, seqlen_k, num_heads_k, head_dim_v), or (total_k, num_heads_k, head_dim_v)
+        fp16 / bf16 / fp32, one dtype, any strides with a unit last-dim stride; head_dim,
+        head_dim_v in 16..256 (padded to the next power of two inside); num_heads a multiple of
+        num_heads_k (GQA: query head h reads kv head h // (num_heads // num_heads_k)).
+    out : like q with head_dim_v, written (varlen: rows past cu_seqlens_q[-1] untouched).
+    lse : fp32 (batch, num_heads, seqlen_q) dense or (num_heads, total_q) varlen, natural log;
+        -inf for a row that sees no key (its out row is 0).
+    softmax_scale : float or None (None = head_dim ** -0.5).
+    causal : bool
+        Key j visible to query i iff ``j <= i + offset``.
+    offset : int or None
+        Query row i sits at position ``i + offset`` (0: top-left, torch SDPA; ``seqlen_k -
+        seqlen_q``: bottom-right, FlashAttention). None = bottom-right per sequence (in varlen
+        mode the offset differs per sequence, so the varlen API passes None). Masks, the window
+        and every positional encoding use these positions.
+    window_left, window_right : int, -1 = unbounded
+        Keys ``i + offset - left <= j <= i + offset + right``.
+    softcap : float, 0 = off
+        Scaled logits become ``softcap * tanh(s / softcap)`` before the positional bias.
+    pe : posattn.positional.KernelPE or None (no encoding).
+    attn_mask : bool (True = attend) or float (added) tensor broadcastable to
+        (batch, num_heads, seqlen_q, seqlen_k), any strides (0 for broadcast dims); dense only
+        (ignored in varlen mode). No gradient flows to a float mask.
+    dropout_p : float in [0, 1); seed : int
+        Kept probabilities are scaled by 1/(1 - dropout_p); the keep-mask is Philox
+        ``tl.rand(seed, index)`` of each (head, query token, key) and is regenerated, not stored,
+        by the backward (``dropout_keep_mask`` returns it).
+    cu_seqlens_q, cu_seqlens_k : int32 (batch + 1,) or None; max_seqlen_q, max_seqlen_k : int
+        Varlen mode: positions restart at 0 in every sequence; a zero-length sequence is fine.
+    block_m, block_n, num_warps, num_stages : override ``FWD_CONFIGS`` (tests use small blocks).
+
+    Source: FlashAttention-2 (arXiv 2307.08691) structure; encodings per ALGORITHMS.md 5.1-5.5.
+    Not yet run on a GPU.
+
+    Examples
+    --------
+    >>> import os, torch  # CPU needs TRITON_INTERPRET=1 set before triton is imported
+    >>> q = torch.randn(1, 5, 2, 16); k = torch.randn(1, 5, 2, 16); v = torch.randn(1, 5, 2, 16)
+    >>> out = torch.empty_like(q); lse = torch.empty(1, 2, 5)
+    >>> fused_attention_fwd(q, k, v, out, lse, causal=True, block_m=16, block_n=16)  # doctest: +SKIP
+    """
+    L = _Launch(q, k, v, softmax_scale=softmax_scale, causal=causal, offset=offset, window_left=window_left,
+                window_right=window_right, softcap=softcap, pe=pe, attn_mask=attn_mask, dropout_p=dropout_p,
+                seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k)
+    cfg = _blocks(FWD_CONFIGS, L, block_m, block_n, num_warps, num_stages)
+    grid = (triton.cdiv(L.seqlen_q, cfg["BLOCK_M"]), L.batch * L.num_heads)
+    if grid[0] == 0 or grid[1] == 0:
+        return
+    _fused_attention_fwd_kernel[grid](
+        q, k, v, out, lse, *L.pe_ptrs(),
+        *L.qs, *L.ks, *L.vs, *_row_strides(out, L.varlen), *_lse_strides(lse, L.varlen),
+        *L.common_args(),
+        L.num_heads, L.group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset, L.bottom_right,
+        *L.scalars(False),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **L.constexprs(),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=None, causal=False, offset=0,
+                        window_left=-1, window_right=-1, softcap=0.0, pe=None, attn_mask=None, dropout_p=0.0,
+                        seed=0, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                        d_bias_table=None, d_urpe_table=None, d_phases=None, deterministic=True,
+                        block_m=None, block_n=None, num_warps=None, num_stages=None) -> None:
+    """Fused attention backward (FlashAttention-2 style, arXiv 2307.08691); no checks here.
+
+    Parameters
+    ----------
+    dout, out : like ``out`` of the forward; lse : the forward's lse (fp32).
+    q, k, v and every option : exactly as given to ``fused_attention_fwd`` (same seed for dropout).
+    dq, dk, dv : written; shapes of q, k, v (dk, dv summed over the GQA group).
+    d_bias_table : fp32 like ``pe.bias_table`` or None
+        Written (not accumulated) with d loss / d table for RelativeBias (num_heads, 2D+1) or T5
+        (num_buckets, num_heads). ALiBi slopes get no gradient.
+    d_urpe_table : fp32 (num_heads, 2D+1) or None; written with d loss / d URPE table.
+    d_phases : fp32 like ``pe.phases`` (batch, num_heads, seqlen_k, rotary_dim // 2) or None;
+        written with d loss / d (cumulated) learned phases; the op layer chains it to ``freqs``.
+    deterministic : bool
+        Accepted for the FlashAttention interface; the kernels never use float atomics (dq has its
+        own kernel, table gradients go through per-program partials summed here), so the result
+        is deterministic either way.
+    block_m, block_n, num_warps, num_stages : override ``BWD_CONFIGS``.
+
+    Memory: fp32 delta like lse; with table gradients an fp32 (num_query_blocks, batch*num_heads,
+    next_pow2(2D+1)) partial buffer; with learned phases two fp32 buffers like ``pe.phases``.
+    Never seqlen_q x seqlen_k. Not yet run on a GPU.
+    """
+    L = _Launch(q, k, v, softmax_scale=softmax_scale, causal=causal, offset=offset, window_left=window_left,
+                window_right=window_right, softcap=softcap, pe=pe, attn_mask=attn_mask, dropout_p=dropout_p,
+                seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k)
+    cfg = _blocks(BWD_CONFIGS, L, block_m, block_n, num_warps, num_stages)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    pe = L.pe
+    dev = q.device
+    varlen = L.varlen
+    nq_blocks = triton.cdiv(L.seqlen_q, BM)
+    nk_blocks = triton.cdiv(L.seqlen_k, BN)
+    delta = torch.empty_like(lse)
+    need_dbias = d_bias_table is not None and pe.bias_mode in (2, 3)
+    need_durpe = d_urpe_table is not None and pe.urpe_table is not None
+    need_dph = d_phases is not None and L.rotary_mode == 3
+    if not varlen and L.seqlen_q == 0:  # no query: every gradient is zero
+        dk.zero_()
+        dv.zero_()
+        for t in (d_bias_table, d_urpe_table, d_phases):
+            if t is not None:
+                t.zero_()
+        return
+    if nq_blocks > 0 and L.batch * L.num_heads > 0:
+        _fused_attention_bwd_preprocess[(nq_blocks, L.batch * L.num_heads)](
+            out, dout, delta, L.cu_q,
+            *_row_strides(out, varlen), *_row_strides(dout, varlen), *_lse_strides(lse, varlen),
+            L.num_heads, L.seqlen_q, L.head_dim_v,
+            BLOCK_M=BM, HEAD_DIM_V=L.HEAD_DIM_V, IS_VARLEN=varlen,
+        )
+    if need_dph:
+        dph_q = torch.zeros(pe.phases.shape, dtype=torch.float32, device=dev)
+        dph_k = torch.zeros(pe.phases.shape, dtype=torch.float32, device=dev)
+    else:
+        dph_q = dph_k = q
+    common = (*L.common_args(),)
+    if nk_blocks > 0 and L.batch * L.num_heads_k > 0:
+        _fused_attention_bwd_dkdv_kernel[(nk_blocks, L.batch * L.num_heads_k)](
+            q, k, v, dout, lse, delta, dk, dv, dph_k, *L.pe_ptrs(),
+            *L.qs, *L.ks, *L.vs, *_row_strides(dout, varlen), *_lse_strides(lse, varlen),
+            *_row_strides(dk, varlen), *_row_strides(dv, varlen),
+            *common,
+            L.num_heads, L.num_heads_k, L.group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset,
+            L.bottom_right, *L.scalars(True),
+            BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    bias_tb = _next_pow2(2 * L.bias_md + 1) if need_dbias else 16
+    urpe_tb = _next_pow2(2 * L.urpe_md + 1) if need_durpe else 16
+    n_prog = nq_blocks * L.batch * L.num_heads
+    dbias_part = torch.zeros((n_prog, bias_tb), dtype=torch.float32, device=dev) if need_dbias else q
+    durpe_part = torch.zeros((n_prog, urpe_tb), dtype=torch.float32, device=dev) if need_durpe else q
+    if n_prog > 0:
+        _fused_attention_bwd_dq_kernel[(nq_blocks, L.batch * L.num_heads)](
+            q, k, v, dout, lse, delta, dq, dph_q, dbias_part, durpe_part, *L.pe_ptrs(),
+            *L.qs, *L.ks, *L.vs, *_row_strides(dout, varlen), *_lse_strides(lse, varlen),
+            *_row_strides(dq, varlen),
+            *common,
+            L.num_heads, L.group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset, L.bottom_right,
+            *L.scalars(True),
+            BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(),
+            NEED_DBIAS=need_dbias, NEED_DURPE=need_durpe, DIAG=_next_pow2(BM + BN - 1),
+            BIAS_TABLE_BLOCK=bias_tb, URPE_TABLE_BLOCK=urpe_tb,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    # per-program partials -> per-head tables (fixed-order sums: deterministic)
+    if need_dbias:
+        rel = dbias_part.view(nq_blocks, L.batch, L.num_heads, bias_tb).sum((0, 1))[:, : 2 * L.bias_md + 1]
+        if pe.bias_mode == 2:
+            d_bias_table.copy_(rel)
+        else:  # T5: bucket each clamped relative distance with the same lookup table (one-hot matmul)
+            lut = L.t5_lut.long()
+            onehot = torch.zeros(lut.numel(), int(pe.num_buckets), dtype=torch.float32, device=dev)
+            onehot[torch.arange(lut.numel(), device=dev), lut] = 1.0
+            d_bias_table.copy_((rel @ onehot).t())
+    elif d_bias_table is not None:
+        d_bias_table.zero_()
+    if need_durpe:
+        d_urpe_table.copy_(durpe_part.view(nq_blocks, L.batch, L.num_heads, urpe_tb).sum((0, 1))
+                           [:, : 2 * L.urpe_md + 1])
+    elif d_urpe_table is not None:
+        d_urpe_table.zero_()
+    if need_dph:
+        d_phases.copy_(dph_q + dph_k)
+    elif d_phases is not None:
+        d_phases.zero_()
+
+
+def dropout_keep_mask(batch_size, num_heads, seqlen_q, seqlen_k, dropout_p, seed, *, device="cpu",
+                      cu_seqlens_q=None, max_seqlen_q=None, total_q=None):
+    """The keep-mask the fused kernels draw for (dropout_p, seed): bool, True = kept.
+
+    Dense: (batch_size, num_heads, seqlen_q, seqlen_k). Varlen (cu_seqlens_q given, seqlen_k =
+    max_seqlen_k of the call): (num_heads, total_q, seqlen_k), key columns local to each sequence.
+    ``total_q``: rows of the packed q the kernels were given (default cu_seqlens_q[-1]); it is part
+    of the Philox index. For tests and debugging (the kernels regenerate it, they never read it).
+    Not yet run on a GPU.
+    """
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        total_q = int(cu_seqlens_q[-1]) if total_q is None else int(total_q)
+        out = torch.zeros((num_heads, total_q, seqlen_k), dtype=torch.uint8, device=device)
+        strides = (0, out.stride(0), out.stride(1))
+        rows, sq = total_q, int(max_seqlen_q)
+        cu = cu_seqlens_q
+    else:
+        out = torch.zeros((batch_size, num_heads, seqlen_q, seqlen_k), dtype=torch.uint8, device=device)
+        strides = (out.stride(0), out.stride(1), out.stride(2))
+        rows, sq = batch_size * seqlen_q, seqlen_q
+        cu = torch.zeros(1, dtype=torch.int32, device=device)
+    grid = (triton.cdiv(sq, 16), batch_size * num_heads)
+    if grid[0] and grid[1] and seqlen_k:
+        _dropout_mask_kernel[grid](out, cu, num_heads, seqlen_q if not varlen else sq, seqlen_k, float(dropout_p),
+                                   int(seed), rows, seqlen_k, *strides, BLOCK_M=16, BLOCK_N=16, IS_VARLEN=varlen)
+    return out.bool()
