@@ -221,35 +221,26 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64).item())
 
 
-def _check_backend_support(backend: str, q, k, v, attn_mask, pe, name_v="v"):
+def _check_backend_support(backend: str, q, k, v, attn_mask, pe, dropout_p, name_q="q", name_v="v"):
     """Limits of the Triton kernels, checked before launching (ValueError naming the argument)."""
     if backend != "triton":
         return
     if q.dtype == torch.float64:
-        raise TypeError(f"q: backend='triton' takes float16, bfloat16 or float32, got {dtype_name(q.dtype)} "
+        raise TypeError(f"{name_q}: backend='triton' takes float16, bfloat16 or float32, got {dtype_name(q.dtype)} "
                         f"(float64 runs on backend='torch')")
-    head_dim, head_dim_v = q.shape[-1], v.shape[-1]
-    supported = getattr(_launcher_or_none(), "SUPPORTED_HEAD_DIMS", None)
-    if supported is not None:
-        if head_dim not in supported:
-            raise ValueError(f"q: backend='triton' supports head_dim in {tuple(supported)}, got {head_dim}")
-    elif head_dim > 256:
-        raise ValueError(f"q: backend='triton' supports head_dim <= 256, got {head_dim}")
-    if head_dim_v != head_dim:
-        raise ValueError(f"{name_v}: backend='triton' needs head_dim_v == head_dim={head_dim}, got {head_dim_v}")
+    # triton_kernels/fused_attention.py: head dims 16..256 (padded to a power of two inside), dropout_p < 1
+    for n, t in ((name_q, q), (name_v, v)):
+        if not 16 <= t.shape[-1] <= 256:
+            raise ValueError(f"{n}: backend='triton' supports head_dim in [16, 256], got {t.shape[-1]} "
+                             f"(shape {tuple(t.shape)}); backend='torch' takes any")
+    if dropout_p >= 1.0:
+        raise ValueError(f"dropout_p: backend='triton' takes dropout_p in [0, 1), got {dropout_p}")
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.requires_grad:
         raise ValueError("attn_mask: backend='triton' computes no gradient for a float mask that requires grad; "
                          "use backend='torch' or detach the mask")
     if pe is not None and pe.alibi_slopes is not None and pe.alibi_slopes.requires_grad:
         raise ValueError("alibi_slopes: backend='triton' computes no gradient for ALiBi slopes that require grad; "
                          "use backend='torch' or detach the slopes")
-
-
-def _launcher_or_none():
-    try:
-        return _launcher()
-    except ImportError:
-        return None
 
 
 def fused_attention(q, k, v, *, attn_mask=None, softmax_scale: float, causal: bool, offset: int,
@@ -263,7 +254,7 @@ def fused_attention(q, k, v, *, attn_mask=None, softmax_scale: float, causal: bo
     Returns (out (batch, seqlen_q, heads, head_dim_v), lse fp32 (batch, heads, seqlen_q)).
     """
     name = _backends.resolve(backend, q.device, supported=("triton", "torch"), op="fused_attention")
-    _check_backend_support(name, q, k, v, attn_mask, pe, name_v=name_v)
+    _check_backend_support(name, q, k, v, attn_mask, pe, dropout_p, name_q=name_q, name_v=name_v)
     if name == "triton":
         from .._checks import check_last_dim_contiguous
         q, k, v = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
