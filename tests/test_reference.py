@@ -46,8 +46,6 @@ def test_matches_sdpa(Sq, Sk, causal):
     out, lse = R.attention(q, k, v, causal=causal)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert out.dtype == f64 and out.shape == (2, 4, Sq, 6) and lse.shape == (2, 4, Sq)
-    if causal and Sq > Sk:  # SDPA's top-left causal leaves no fully masked rows only when Sq <= Sk... both fine
-        pass
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     allowed = torch.ones(Sq, Sk, dtype=torch.bool).tril() if causal else None
     _, want_lse = _dense(q, k, v, allowed=allowed)
@@ -356,6 +354,10 @@ def test_gradcheck_alibi_slopes_softcap_float_mask():
     (dict(dropout_p=0.1), ValueError, "dropout_mask"),
     (dict(dropout_p=1.0, dropout_mask=torch.ones(1, dtype=torch.bool)), ValueError, "dropout_p"),
     (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(window_size=(2,)), ValueError, "window_size"),
+    (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\]"),
+    (dict(offset=1.5), TypeError, "offset"),
+    (dict(causal=1), TypeError, "causal"),
     (dict(position=RelativeBias(torch.zeros(3, 5), max_distance=2)), ValueError, r"position\.table"),
     (dict(position=[RoPE(), T5Bias(torch.zeros(32, 2))]), ValueError, r"position\[1\]\.table"),
     (dict(position=[RoPE(), XPos()]), ValueError, r"position\[1\]"),
@@ -369,6 +371,35 @@ def test_bad_input_names_the_argument(kwargs, exc, match):
     args.update({n: kwargs.pop(n) for n in ("q", "k", "v") if n in kwargs})
     with pytest.raises(exc, match=match):
         R.attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+def test_no_keys_and_no_queries():
+    q, k, v = _qkv(Sq=3, Sk=0, Dv=5)
+    out, lse = R.attention(q, k, v)
+    assert torch.equal(out, torch.zeros(2, 4, 3, 5, dtype=f64)) and bool((lse == -math.inf).all())
+    q, k, v = _qkv(Sq=0, Sk=4)
+    out, lse = R.attention(q, k, v, causal=True, position=RoPE())
+    assert out.shape == (2, 4, 0, 8) and lse.shape == (2, 4, 0)
+
+
+def test_docstring_examples_run():
+    """The examples in this section's docstrings (CI runs plain pytest, not --doctest-modules)."""
+    import doctest
+
+    import posattn.positional as P
+
+    finder, runner = doctest.DocTestFinder(), doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    objs = [P] + [getattr(R, n) for n in ("rope_inv_freq", "apply_rotary", "alibi_slopes", "t5_bucket",
+                                           "learned_phases", "attention", "position_bias")]
+    ran = 0
+    for obj in objs:
+        for test in finder.find(obj, globs={"torch": torch, **vars(R), **vars(P)}):
+            if obj is not P and test.name.split(".")[-1] != obj.__name__:
+                continue
+            runner.run(test)
+            ran += len(test.examples)
+    assert ran > 20
+    assert runner.failures == 0, f"{runner.failures} docstring example(s) failed (see output above)"
 
 
 def test_inputs_not_modified():

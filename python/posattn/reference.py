@@ -452,7 +452,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
     if dropout_p > 0 and dropout_mask is None:
         raise ValueError("dropout_mask: required when dropout_p > 0 (the reference is deterministic), got None")
-    left, right = window_size
+    from ._checks import check_int, check_window
+
+    left, right = check_window("window_size", window_size)
+    offset = check_int("offset", offset)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     spec = _pos.parse_position(position)
     dev = q.device
     f64 = torch.float64
@@ -527,6 +532,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         else:
             s = s + attn_mask.to(dev, f64)
     s = s.masked_fill(~allowed, float("-inf"))
+
+    if Sk == 0:  # no key at all: every row is fully masked (amax over an empty dim is undefined)
+        return s.new_zeros(B, H, Sq, v.shape[-1]) + 0 * s.sum(), s.new_full((B, H, Sq), float("-inf"))
 
     # softmax with an explicit guard for rows without a finite logit (never exp(-inf - (-inf)))
     m = s.detach().amax(dim=-1, keepdim=True)
