@@ -25,7 +25,7 @@ Launchers
 from __future__ import annotations
 
 import functools
-import math
+import os
 
 import torch
 import triton
@@ -71,6 +71,19 @@ def config_for(configs: dict, head_dim: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 # shared @triton.jit pieces
 # ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. ``DOT_PRECISION``: "ieee" for fp32 inputs (no tf32: the
+    fp32 path is meant to be accurate), "tf32" (ignored) for fp16/bf16, or "upcast": only under
+    TRITON_INTERPRET=1 with bf16, whose interpreted bf16 dot is wrong in Triton 3.9 (numpy has no
+    bf16); the operands are already bf16-rounded, so upcasting them gives the same products."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return out
+
 
 @triton.jit
 def _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k, offset, bottom_right,
@@ -256,7 +269,7 @@ def _fused_attention_fwd_kernel(
                                      rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
                                      HEAD_DIM // 2)
             k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = _dot(q, tl.trans(k), DOT_PRECISION)
         s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
                                              qk_scale2, softcap_scale, softcap2, window_left, window_right,
                                              MASK, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -275,7 +288,7 @@ def _fused_attention_fwd_kernel(
             p = tl.where(_dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p), p * dropout_scale, 0.0)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
                     other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
         m_i = m_new
 
     live = l_i > 0.0
@@ -418,14 +431,14 @@ def _fused_attention_bwd_dkdv_kernel(
             # fully masked rows have lse -inf: use +inf so their (all -inf) logits give p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=0.0)
-            qk = tl.dot(q, tl.trans(kt), input_precision=DOT_PRECISION)
+            qk = _dot(q, tl.trans(kt), DOT_PRECISION)
             s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
                                                  qk_scale2, softcap_scale, softcap2, window_left, window_right,
                                                  MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                                                  slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
                                                  SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
             p = tl.exp2(s - lse2[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+            dp = _dot(do, tl.trans(v), DOT_PRECISION)
             pv = p
             if HAS_URPE:
                 coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
@@ -436,11 +449,11 @@ def _fused_attention_bwd_dkdv_kernel(
                                      rng_rows, rng_cols, dropout_p)
                 pv = tl.where(keep, pv * dropout_scale, 0.0)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
-            dv += tl.dot(tl.trans(pv.to(dtype)), do, input_precision=DOT_PRECISION)
+            dv += _dot(tl.trans(pv.to(dtype)), do, DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - th * th)
-            dkt += tl.dot(tl.trans((ds * sm_scale).to(dtype)), q, input_precision=DOT_PRECISION)
+            dkt += _dot(tl.trans((ds * sm_scale).to(dtype)), q, DOT_PRECISION)
         if ROTARY_MODE != 0:
             dk += rotate_pairs(dkt, ck, -sk_, BLOCK_N, HEAD_DIM)
             if ROTARY_MODE == 3:
@@ -555,14 +568,14 @@ def _fused_attention_bwd_dq_kernel(
             k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
                     other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = _dot(q, tl.trans(k), DOT_PRECISION)
         s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
                                              qk_scale2, softcap_scale, softcap2, window_left, window_right,
                                              MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                                              slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
                                              SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
         p = tl.exp2(s - lse2[:, None])
-        dpv = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # dO_i . v_j
+        dpv = _dot(do, tl.trans(v), DOT_PRECISION)  # dO_i . v_j
         dp = dpv
         if HAS_URPE:
             coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
@@ -581,7 +594,7 @@ def _fused_attention_bwd_dq_kernel(
                                             BLOCK_M, BLOCK_N, DIAG, URPE_TABLE_BLOCK)
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        dqt += tl.dot((ds * sm_scale).to(dtype), k, input_precision=DOT_PRECISION)
+        dqt += _dot((ds * sm_scale).to(dtype), k, DOT_PRECISION)
 
     if ROTARY_MODE != 0:
         dq = rotate_pairs(dqt, cq, -sq_, BLOCK_M, HEAD_DIM)
@@ -737,7 +750,12 @@ class _Launch:
         self.interleaved = bool(pe.interleaved) or self.rotary_mode == 2
         self.HEAD_DIM = max(16, _next_pow2(self.head_dim))
         self.HEAD_DIM_V = max(16, _next_pow2(self.head_dim_v))
-        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        if q.dtype == torch.float32:
+            self.dot_precision = "ieee"
+        elif q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            self.dot_precision = "upcast"
+        else:
+            self.dot_precision = "tf32"
 
     def common_args(self):
         """Kernel arguments after the tensor pointers and their own strides (shared order)."""
