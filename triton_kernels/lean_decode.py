@@ -114,7 +114,7 @@ def _lean_decode_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 (tl.dot)")
     tl.static_assert(BLOCK_N >= 16, "BLOCK_N must be >= 16 (tl.dot)")
@@ -169,7 +169,17 @@ def _lean_decode_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for n in range(it - u_lo, seg_hi - u_lo):
+        # a window bounds the visible keys of this m-block: skip KV tiles wholly outside it
+        n_lo = it - u_lo
+        n_hi = seg_hi - u_lo
+        if window_left >= 0:
+            i_first = (mb * BLOCK_M) // group
+            n_lo = tl.maximum(n_lo, (i_first + seqlen_k - seqlen_q - window_left) // BLOCK_N)
+        if window_right >= 0:
+            i_last = (tl.minimum(seqlen_q * group, mb * BLOCK_M + BLOCK_M) - 1) // group
+            # (C division truncates toward 0: a negative bound keeps one fully masked tile, harmless)
+            n_hi = tl.minimum(n_hi, (i_last + seqlen_k - seqlen_q + window_right) // BLOCK_N + 1)
+        for n in range(n_lo, n_hi):
             offs_n = n * BLOCK_N + tl.arange(0, BLOCK_N)
             kv_ok = offs_n < seqlen_k
             if PAGED:
@@ -181,7 +191,10 @@ def _lean_decode_kernel(
                 v_off = cb * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn
             kv_mask = kv_ok[:, None] & d_ok[None, :]
             k = tl.load(K + k_off + hkv * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * softmax_scale          # natural units
+            if DOT_FP32:   # interpreter workaround: its bf16 tl.dot is wrong; same products in fp32
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * softmax_scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * softmax_scale          # natural units
             if HAS_SOFTCAP:
                 # softcap * tanh(s / softcap), tanh via exp (saturates cleanly at +-1)
                 s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
@@ -200,7 +213,11 @@ def _lean_decode_kernel(
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + v_off + hkv * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v)
+            p = p.to(V.dtype.element_ty)
+            if DOT_FP32:
+                acc = acc * alpha[:, None] + tl.dot(p.to(tl.float32), v.to(tl.float32))
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v)
             m_i = m_new
         nsplit = tl.load(NUM_SPLITS + u)
         if nsplit == 1:
@@ -324,6 +341,7 @@ def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, PAGE_SIZE=page_size,
         HAS_BATCH_IDX=cache_batch_idx is not None, ROTARY_DIM=int(rotary_dim), ROT_INTERLEAVED=bool(rotary_interleaved),
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, REDUCE_IN_KERNEL=bool(reduce_in_kernel),
+        DOT_FP32=(q.device.type == "cpu" and q.dtype == torch.bfloat16),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not reduce_in_kernel and schedule.split_tiles:

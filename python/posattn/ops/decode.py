@@ -424,8 +424,11 @@ def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
         if a["alibi"] is not None:
             s_ = a["alibi"]
             slopes = (s_[b] if s_.dim() == 2 else s_).float()
-        for j0 in range(0, Lk, _CHUNK):
-            j = torch.arange(j0, min(Lk, j0 + _CHUNK), device=dev)
+        # keys a window leaves visible to some query row: [j_lo, j_hi)
+        j_lo = max(0, Lk - Sq - a["left"]) if a["left"] >= 0 else 0
+        j_hi = min(Lk, Lk - 1 + a["right"] + 1) if a["right"] >= 0 else Lk
+        for j0 in range(j_lo, j_hi, _CHUNK):
+            j = torch.arange(j0, min(j_hi, j0 + _CHUNK), device=dev)
             if a["paged"]:
                 page = k_cache.shape[1]
                 blk = block_table[b].long()[j // page]
