@@ -492,7 +492,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if which == "cuda" and backend == "auto":  # no GPU measurement yet: auto never picks the CUDA kernel
         which = "triton"
     if which == "torch":
-        out, lse = _varlen_torch(q, k, v, a)
+        need_lse_grad = return_attn_probs and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)
+        out, lse = _varlen_torch(q, k, v, a, need_lse_grad)
     elif which == "triton":
         out, lse = _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a)
     else:
@@ -567,7 +569,7 @@ def plan_chunks(lens_q, lens_k, *, slack: float = CHUNK_SLACK, min_work: int = C
                 max_tokens: int = CHUNK_MAX_TOKENS) -> list:
     """Group sequences for the torch backend: a list of lists of sequence ids.
 
-    Sequences with no query are dropped. Only sequences with the same ``len_k - len_q`` share a
+    Sequences with no query or no key are dropped (their rows are out 0, lse -inf). Only sequences with the same ``len_k - len_q`` share a
     chunk (right padding then keeps every bottom-right alignment exact); within that class they are
     sorted by length and cut greedily so that the padded logits ``n * Lq * Lk`` exceed the real ones
     ``sum(lq * lk)`` by at most ``slack`` (or the chunk holds fewer than ``min_work`` logits).
@@ -579,7 +581,7 @@ def plan_chunks(lens_q, lens_k, *, slack: float = CHUNK_SLACK, min_work: int = C
     """
     classes: dict = {}
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
-        if lq > 0:
+        if lq > 0 and lk > 0:
             classes.setdefault(lk - lq, []).append(b)
     chunks = []
     for off in sorted(classes):
@@ -628,7 +630,30 @@ def _chunk_position(spec, seqs, a: _Args, Lk: int, kidx: torch.Tensor, kvalid: t
     return items or None
 
 
-def _varlen_torch(q, k, v, a: _Args):
+def _sdpa_cpu_ok(q, a: _Args, need_lse_grad: bool) -> bool:
+    """Plain attention on CPU runs on torch's fused CPU SDPA kernel (the one the padded baseline uses).
+
+    Only when it computes exactly this op: no positional encoding, softcap, window or dropout; causal
+    only when no query row is fully masked (len_k >= len_q); and no gradient through lse (torch's
+    kernel returns a non-differentiable logsumexp).
+    """
+    if q.device.type != "cpu" or a.position or a.softcap or a.dropout_p or a.window_left >= 0 or need_lse_grad:
+        return False
+    if a.window_right >= 0 and not (a.causal and a.window_right == 0):
+        return False
+    if a.causal and any(lk < lq for lq, lk in zip(a.lens_q, a.lens_k) if lq > 0 and lk > 0):
+        return False
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True):
+    """Chunks of similar-length sequences, right-padded, through a dense kernel with a key mask.
+
+    Dense kernel: torch's fused CPU SDPA for plain attention (``_sdpa_cpu_ok``), else the dense
+    attention's torch backend (``ops/attention.py``, every positional encoding). Padded rows are
+    gathered from row 0 and masked out; only real rows are scattered back, so rows outside every
+    sequence keep out 0 / lse -inf and get no gradient.
+    """
     from . import attention as _attn
 
     dev = q.device
@@ -640,6 +665,8 @@ def _varlen_torch(q, k, v, a: _Args):
             # keep the graph connected so backward gives zero gradients instead of an error
             out = out + 0 * (q.sum() + k.sum() + v.sum())
         return out, lse
+    fast = _sdpa_cpu_ok(q, a, need_lse_grad)
+    group = a.num_heads // a.num_heads_k
     outs, lses, rows = [], [], []
     for seqs in chunks:
         lq = torch.tensor([a.lens_q[b] for b in seqs], device=dev)
@@ -653,23 +680,37 @@ def _varlen_torch(q, k, v, a: _Args):
         kvalid = ar_k[None] < lk[:, None]                     # (n, Lk)
         qidx = torch.where(qvalid, sq[:, None] + ar_q[None], 0)
         kidx = torch.where(kvalid, sk[:, None] + ar_k[None], 0)
-        qc = q[qidx]                                          # (n, Lq, H, D); padded rows hold row 0
-        kc = k[kidx] if a.total_k else k.new_zeros((len(seqs), Lk, a.num_heads_k, a.head_dim))
-        vc = v[kidx] if a.total_k else v.new_zeros((len(seqs), Lk, a.num_heads_k, a.head_dim_v))
-        key_mask = kvalid[:, None, None, :]                   # (n, 1, 1, Lk) bool, True = attend
-        pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx, kvalid), batch_size=len(seqs),
-                            num_heads=a.num_heads, seqlen_q=Lq, seqlen_k=Lk, head_dim=a.head_dim, offset=Lk - Lq,
-                            device=dev)
-        oc, lc = _attn.fused_attention(qc, kc, vc, attn_mask=key_mask, softmax_scale=a.softmax_scale,
-                                       causal=a.causal, offset=Lk - Lq, window_left=a.window_left,
-                                       window_right=a.window_right, softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
-                                       deterministic=a.deterministic, backend="torch")
-        sel = qvalid.reshape(-1)
-        outs.append(oc.reshape(-1, a.num_heads, a.head_dim_v)[sel])
-        lses.append(lc.permute(1, 0, 2).reshape(a.num_heads, -1)[:, sel])
-        rows.append(qidx.reshape(-1)[sel])
+        n = len(seqs)
+        # (n, L, heads, dim); padded rows hold row 0 (index_select: much cheaper than advanced indexing)
+        qc = q.index_select(0, qidx.reshape(-1)).reshape(n, Lq, a.num_heads, a.head_dim)
+        kc = k.index_select(0, kidx.reshape(-1)).reshape(n, Lk, a.num_heads_k, a.head_dim)
+        vc = v.index_select(0, kidx.reshape(-1)).reshape(n, Lk, a.num_heads_k, a.head_dim_v)
+        if fast:
+            allowed = kvalid[:, None, None, :]                # (n, 1, 1, Lk)
+            if a.causal:                                      # bottom-right: j <= i + Lk - Lq
+                allowed = allowed & (ar_k[None, :] <= ar_q[:, None] + (Lk - Lq))[None, None]
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+            if group > 1:
+                kc, vc = kc.repeat_interleave(group, dim=2), vc.repeat_interleave(group, dim=2)
+            oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), 0.0, False, attn_mask=bias,
+                scale=a.softmax_scale)
+            oc = oc.transpose(1, 2)
+        else:
+            pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx, kvalid), batch_size=len(seqs),
+                                num_heads=a.num_heads, seqlen_q=Lq, seqlen_k=Lk, head_dim=a.head_dim,
+                                offset=Lk - Lq, device=dev)
+            oc, lc = _attn.fused_attention(qc, kc, vc, attn_mask=kvalid[:, None, None, :],
+                                           softmax_scale=a.softmax_scale, causal=a.causal, offset=Lk - Lq,
+                                           window_left=a.window_left, window_right=a.window_right,
+                                           softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
+                                           deterministic=a.deterministic, backend="torch")
+        sel = qvalid.reshape(-1).nonzero().flatten()
+        outs.append(oc.reshape(-1, a.num_heads, a.head_dim_v).index_select(0, sel))
+        lses.append(lc.permute(1, 0, 2).reshape(a.num_heads, -1).index_select(1, sel))
+        rows.append(qidx.reshape(-1).index_select(0, sel))
     rows = torch.cat(rows)
-    out = out.index_copy(0, rows, torch.cat(outs))
+    out = out.index_copy(0, rows, torch.cat(outs).to(q.dtype))
     lse = lse.index_copy(1, rows, torch.cat(lses, dim=1).to(torch.float32))
     return out, lse
 
