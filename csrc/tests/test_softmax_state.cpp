@@ -36,6 +36,24 @@ int main() {
     CHECK(std::fabs(posattn::state_lse(merged) - lse) < 1e-4 * std::max(1.0, std::fabs(lse)),
           "lse %f vs %f", posattn::state_lse(merged), lse);
   }
+  // base-2 flavour: logits in log2 units, lse returned in natural log.
+  for (int trial = 0; trial < 200; ++trial) {
+    const size_t n = 1 + std::rand() % 64;
+    std::vector<float> s(n);
+    for (auto& x : s) x = (std::rand() / (float)RAND_MAX - 0.5f) * 40.f;
+    double mx = -INFINITY, sum = 0;
+    for (auto x : s) mx = std::max(mx, (double)x);
+    for (auto x : s) sum += std::exp((double)x - mx);
+    const double lse = mx + std::log(sum);
+    SoftmaxState st{-INFINITY, 0.f};
+    for (auto x : s) {
+      float a, b;
+      st = posattn::merge_state_base2(st, SoftmaxState{x * posattn::kLog2e, 1.f}, &a, &b);
+    }
+    CHECK(std::fabs(posattn::state_lse_base2(st) - lse) < 1e-4 * std::max(1.0, std::fabs(lse)), "base2 lse");
+  }
+  CHECK(posattn::rescale_base2(-INFINITY, -INFINITY) == 0.f && posattn::prob_base2(-INFINITY, -INFINITY) == 0.f,
+        "all-masked rows give 0, never NaN");
   float fa, fb;
   SoftmaxState empty{-INFINITY, 0.f};
   SoftmaxState e2 = posattn::merge_state(empty, empty, &fa, &fb);
