@@ -234,3 +234,28 @@ def ecoformer_linear_fwd(q_words: torch.Tensor, k_words: torch.Tensor, v: torch.
         NUM_BITS=num_bits, NUM_WORDS=num_words, BITS=bits_p, HEAD_DIM_V=head_dim_v, HEAD_DIM=dim_p,
         BLOCK_M=block, BLOCK_N=block, IS_CAUSAL=causal, FORM_REF=form_ref, HAS_KEEP=has_keep,
     )
+
+
+def report_cases():
+    """(label, thunk) pairs for ``python -m posattn report``: the launcher on small CPU tensors with the
+    block size and modes a GPU call uses (see posattn.report)."""
+
+    def case(dtype, num_bits, head_dim_v, causal, *, padded=False, form_ref=False, group=1):
+        def thunk():
+            B, Hk, N = 2, 2, 300
+            H = Hk * group
+            words = -(-num_bits // 32)
+            q = torch.zeros(B, H, N, words, dtype=torch.int32)
+            k = torch.zeros(B, Hk, N, words, dtype=torch.int32)
+            v = torch.randn(B, Hk, N, head_dim_v).to(dtype)
+            keep = torch.ones(B, N) if padded else None
+            ecoformer_linear_fwd(q, k, v, torch.empty(B, H, N, head_dim_v, dtype=dtype), num_bits=num_bits,
+                                 causal=causal, key_keep=keep, form_ref=form_ref)
+        return thunk
+
+    return [
+        ("fp16 b16 d64 non-causal", case(torch.float16, 16, 64, False)),
+        ("bf16 b16 d64 causal padded", case(torch.bfloat16, 16, 64, True, padded=True)),
+        ("fp16 b64 d128 causal gqa4", case(torch.float16, 64, 128, True, group=4)),
+        ("fp32 b16 d64 causal reference-code", case(torch.float32, 16, 64, True, form_ref=True)),
+    ]
