@@ -184,14 +184,14 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
     num_m_blocks : int, default 1
         m-blocks per (batch, kv head): ``ceil(seqlen_q * group / BLOCK_M)``.
     num_ctas : int or None
-        Grid size G. None: the fewest CTAs that reach the minimal makespan on ``max_ctas``
-        slots, ``G = ceil(T / ceil(T / max_ctas))`` (so loads differ by at most one and the
-        mean load is within ``1 + 1/(G-1)`` of the max), then raised no further.
+        Grid size G. None: the smallest load ``q >= ceil(T / max_ctas)`` that keeps every output
+        tile within ``max_splits`` CTAs, then the fewest CTAs with that load, ``G = ceil(T / q)``
+        (loads differ by at most one; max load / mean load < G / (G - 1)).
     max_ctas : int, default 264
         CTAs that can be resident at once (SMs x CTAs per SM; 264 = 2 x 132 on an H100 SXM).
     max_splits : int, default 128
-        With ``num_ctas=None``, G is lowered until no output tile is shared by more than this
-        many CTAs. An explicit ``num_ctas`` is kept as given (``max_splits`` is not enforced).
+        With ``num_ctas=None``, the load is raised until no output tile is shared by more than
+        this many CTAs. An explicit ``num_ctas`` is kept as given (``max_splits`` is not enforced).
 
     Returns
     -------
@@ -215,16 +215,14 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
     if num_ctas is None:
         if isinstance(max_ctas, bool) or not isinstance(max_ctas, int) or max_ctas < 1:
             raise ValueError(f"max_ctas: expected an int >= 1, got {max_ctas!r}")
-        G = max(1, -(-T // -(-T // max_ctas))) if T else 1
         longest = max((offsets[u + 1] - offsets[u] for u in range(len(offsets) - 1)), default=0)
-        # a tile of n KV tiles spans at most 1 + ceil((n - 1) / (q - 1)) CTAs; shrink G until <= max_splits
-        while G > 1 and longest > 1:
-            q = -(-T // G)
-            if q - 1 >= 1 and 1 + -(-(longest - 1) // (q - 1)) <= max_splits:
-                break
-            if q - 1 < 1 and longest <= max_splits:
-                break
-            G -= 1
+        # smallest per-CTA load q that max_ctas slots allow and that keeps every output tile within
+        # max_splits CTAs (a tile of n KV tiles spans at most 1 + ceil((n - 1) / (q - 1)) CTAs);
+        # then the fewest CTAs with that load, so loads differ by at most one and balance stays tight
+        q = -(-T // max_ctas) if T else 1
+        while longest > max_splits and (q == 1 or 1 + -(-(longest - 1) // (q - 1)) > max_splits):
+            q += 1
+        G = max(1, -(-T // q)) if T else 1
     else:
         if isinstance(num_ctas, bool) or not isinstance(num_ctas, int) or num_ctas < 1:
             raise ValueError(f"num_ctas: expected an int >= 1, got {num_ctas!r}")
