@@ -1,13 +1,15 @@
 // LeanAttention stream-K decode (Sanovar et al., arXiv 2405.10480; ALGORITHMS.md 1).
 //
-// Iteration space: output tiles u = (b, kv head, m-block) in that order, each made of
-// n_n(b) = ceil(seqlens_k[b] / kBlockN) key tiles; global tile ids are contiguous per output tile
-// (tile_offsets, a prefix sum over u, so ragged lengths cost nothing). A persistent grid of
-// num_ctas CTAs (cooperative launch: all co-resident) each walks its contiguous range
-// [cta_tile_start[c], cta_tile_end[c]) of global tiles, which may cross output tiles:
+// Iteration space and schedule: posattn.scheduling.Schedule (its module docstring is the contract).
+// Output tiles u = (tile_batch[u], tile_head[u], tile_mblock[u]), each made of
+// ceil(seqlens_k[b] / kBlockN) key tiles; global tile ids are contiguous per output tile
+// (tile_offsets, so ragged lengths cost nothing; batches with no key have no tile and are
+// zero-filled by the kernel). A persistent grid of num_ctas CTAs (cooperative launch: all
+// co-resident) each walks its contiguous range [cta_starts[c], cta_starts[c+1]) of global tiles,
+// which may cross output tiles:
 //   - segment starting at an output tile's first tile: this CTA is the tile's host. It folds in the
-//     partials of the next num_partials[u] CTAs (c+1, c+2, ...; their first segments), waiting on
-//     each one's flag, then normalises and writes out and lse;
+//     partials of the next num_splits[u] - 1 CTAs (c+1, c+2, ...; their first segments) in CTA
+//     order (deterministic), waiting on each one's flag, then normalises and writes out and lse;
 //   - any other segment (always the CTA's first one): write the fp32 partial (m, l, o~) to slot c
 //     of the workspace, fence, and set flags[c] = epoch.
 // No deadlock: a CTA waits only in a segment where it is host, and the peers it waits on are in
@@ -37,7 +39,7 @@ constexpr int kBlockM = 16;
 
 template <int kHeadDim>
 struct LeanCfg {
-  static constexpr int kBlockN = kHeadDim <= 128 ? 64 : 32;       // keys per tile
+  static constexpr int kBlockN = kHeadDim <= 128 ? 128 : 64;      // keys per tile (scheduling.default_block_n)
   static constexpr int kWords = kHeadDim / 2;                      // 32-bit words (2 halves) per row
   static constexpr int kKRow = kWords + 1;                         // padded K row: conflict-free per-key reads
   static constexpr int kRowGroups = kThreads / kWords;             // P.V: thread -> (word column, row group)
@@ -77,11 +79,10 @@ struct TileCoord {
 
 __device__ __forceinline__ TileCoord tile_coord(const DecodeParams& p, int u) {
   const int rows_total = (p.num_heads / p.num_heads_k) * p.seqlen_q;
-  const int n_m = (rows_total + kBlockM - 1) / kBlockM;
   TileCoord tc;
-  tc.mblk = u % n_m;
-  tc.hk = (u / n_m) % p.num_heads_k;
-  tc.b = u / (n_m * p.num_heads_k);
+  tc.b = p.tile_batch[u];
+  tc.hk = p.tile_head[u];
+  tc.mblk = p.tile_mblock[u];
   tc.m_rows = min(kBlockM, rows_total - tc.mblk * kBlockM);
   tc.seqlen_k = p.seqlens_k[tc.b];
   return tc;
@@ -117,22 +118,26 @@ __global__ void __launch_bounds__(kThreads, 2) lean_decode_kernel(__grid_constan
   const float scale_log2 = p.softmax_scale * kLog2e;
   T* out = static_cast<T*>(p.out);
 
-  // Output tiles with no key tile (empty cache) are visited by no range: write out 0, lse -inf.
-  for (int u = c; u < p.num_out_tiles; u += p.num_ctas) {
-    if (p.tile_offsets[u] != p.tile_offsets[u + 1]) continue;
-    const TileCoord tc = tile_coord(p, u);
-    for (int e = tid; e < tc.m_rows * kHeadDim; e += kThreads) {
-      int h, i;
-      row_head(p, tc, e / kHeadDim, &h, &i);
-      out[tc.b * p.out_stride_b + i * p.out_stride_s + h * p.out_stride_h + e % kHeadDim] = from_float<T>(0.f);
-      if (e % kHeadDim == 0) p.lse[tc.b * p.lse_stride_b + h * p.lse_stride_h + i] = -INFINITY;
+  // Batches with no key are in no output tile: write their out 0 and lse -inf (grid-strided).
+  {
+    const int64_t per_batch = static_cast<int64_t>(p.seqlen_q) * p.num_heads * kHeadDim;
+    const int64_t total = per_batch * p.batch_size;
+    for (int64_t e = static_cast<int64_t>(c) * kThreads + tid; e < total; e += static_cast<int64_t>(p.num_ctas) * kThreads) {
+      const int b = static_cast<int>(e / per_batch);
+      if (p.seqlens_k[b] > 0) continue;
+      const int64_t rem = e % per_batch;
+      const int i = static_cast<int>(rem / (static_cast<int64_t>(p.num_heads) * kHeadDim));
+      const int h = static_cast<int>((rem / kHeadDim) % p.num_heads);
+      const int d = static_cast<int>(rem % kHeadDim);
+      out[b * p.out_stride_b + i * p.out_stride_s + h * p.out_stride_h + d] = from_float<T>(0.f);
+      if (d == 0) p.lse[b * p.lse_stride_b + h * p.lse_stride_h + i] = -INFINITY;
     }
   }
 
-  int t = p.cta_tile_start[c];
-  const int t_end = p.cta_tile_end[c];
+  int t = p.cta_starts[c];
+  const int t_end = p.cta_starts[c + 1];
   while (t < t_end) {
-    // Output tile holding global tile t: the last u with tile_offsets[u] <= t (non-empty tiles only).
+    // Output tile holding global tile t: the last u with tile_offsets[u] <= t (offsets strictly increase).
     int lo = 0, hi = p.num_out_tiles - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
@@ -282,7 +287,7 @@ __global__ void __launch_bounds__(kThreads, 2) lean_decode_kernel(__grid_constan
       if (tid == 0) atomicExch(p.flags + c, p.epoch);
     } else {
       const bool schedule_ok = p.host_cta[u] == c;
-      const int np = schedule_ok ? p.num_partials[u] : 0;
+      const int np = schedule_ok ? p.num_splits[u] - 1 : 0;
       for (int s = 1; s <= np; ++s) {
         const int peer = c + s;
         if (tid == 0) {

@@ -97,12 +97,15 @@ struct DecodeParams {
   const int32_t* block_table;   // (batch, max_blocks_per_seq) int32 or null (contiguous cache)
   const float* alibi_slopes;    // (batch or 1, num_heads) fp32 or null
   const float* inv_freq;        // (rotary_dim/2,) fp32 or null: RoPE applied to q at its position
-  // host-computed stream-K schedule (ALGORITHMS.md 1), int32:
-  const int32_t* cta_tile_start;   // (num_ctas,) first global tile of each CTA
-  const int32_t* cta_tile_end;     // (num_ctas,) one past its last tile (start == end: idle CTA)
-  const int32_t* tile_offsets;     // (num_out_tiles + 1,) first global tile of each output tile
-  const int32_t* host_cta;         // (num_out_tiles,) CTA that owns the output tile's first tile
-  const int32_t* num_partials;     // (num_out_tiles,) CTAs other than the host contributing (host+1 ...)
+  // host-computed stream-K schedule, int32, in the format of posattn.scheduling.Schedule
+  // (ALGORITHMS.md 1; output tiles with no key are not in it, the kernel zero-fills them):
+  const int32_t* cta_starts;       // (num_ctas + 1,) CTA c walks global tiles [cta_starts[c], cta_starts[c+1])
+  const int32_t* tile_offsets;     // (num_out_tiles + 1,) output tile u owns tiles [tile_offsets[u], tile_offsets[u+1])
+  const int32_t* tile_batch;       // (num_out_tiles,) batch index of output tile u
+  const int32_t* tile_head;        // (num_out_tiles,) kv head of output tile u
+  const int32_t* tile_mblock;      // (num_out_tiles,) m-block of output tile u
+  const int32_t* host_cta;         // (num_out_tiles,) CTA that owns u's first tile
+  const int32_t* num_splits;       // (num_out_tiles,) CTAs touching u: host_cta[u] .. host_cta[u] + num_splits[u] - 1
   float* ws_m;          // (num_ctas, block_m) fp32 workspace: partial max (base-2 units)
   float* ws_l;          // (num_ctas, block_m) partial sums
   float* ws_o;          // (num_ctas, block_m, head_dim) partial unnormalised outputs
@@ -124,7 +127,8 @@ struct DecodeParams {
   bool causal;          // only matters for seqlen_q > 1
   DType dtype;
 };
-// Tile sizes the schedule must use: rows of packed (query head, query) per m-block, keys per tile.
+// Tile sizes the schedule must use: rows of packed (query head, query) per m-block, keys per tile
+// (block_n = posattn.scheduling.default_block_n(head_dim): 128 for head_dim <= 128, else 64).
 void lean_decode_tile_sizes(int head_dim, int* block_m, int* block_n);
 std::string launch_lean_decode(const DecodeParams& p, int64_t stream);
 // Largest grid that can be co-resident (needed by the flag-synchronised reduction), or -1 on error.
