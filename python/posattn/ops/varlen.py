@@ -61,32 +61,36 @@ def _cuda_module(t: torch.Tensor, name: str):
 
 def _gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """dst[t] = src[indices[t]] for 2-D ``src`` (rows, width); no autograd."""
-    C = _cuda_module(src, "gather_rows_cuda")
+    C = _cuda_module(src, "row_copy")
     if C is None:
         return src.index_select(0, indices)
     dst = torch.empty((indices.numel(), src.shape[1]), dtype=src.dtype, device=src.device)
-    _launch_rows(C.gather_rows_cuda, dst, src, indices)
+    _row_copy(C, dst, src, indices, scatter=False)
     return dst
 
 
 def _scatter_rows(src: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
     """dst = zeros(rows, width); dst[indices[t]] = src[t]; no autograd (indices are distinct)."""
     dst = src.new_zeros((rows, src.shape[1]))
-    C = _cuda_module(src, "scatter_rows_cuda")
+    C = _cuda_module(src, "row_copy")
     if C is None:
         return dst.index_copy_(0, indices, src)
-    _launch_rows(C.scatter_rows_cuda, dst, src, indices)
+    _row_copy(C, dst, src, indices, scatter=True)
     return dst
 
 
-def _launch_rows(fn, dst, src, indices):
-    src = src.contiguous()
-    idx = indices.contiguous()
-    stream = torch.cuda.current_stream(src.device).cuda_stream
-    err = fn(dst.data_ptr(), src.data_ptr(), idx.data_ptr(), idx.numel(), dst.shape[1] * dst.element_size(),
-             idx.element_size(), stream)
-    if err:
-        raise RuntimeError(f"posattn._C row copy failed: {err}")
+def _row_copy(C, dst, src, indices, *, scatter: bool):
+    """csrc/varlen.cu row_copy: whole rows by int64 indices (16-byte vectors when aligned)."""
+    src = src if src.stride(-1) == 1 else src.contiguous()
+    idx = indices.to(torch.int64).contiguous()
+    p = C.RowCopyParams()
+    p.src, p.dst, p.indices = src.data_ptr(), dst.data_ptr(), idx.data_ptr()
+    p.src_row_stride_bytes = src.stride(0) * src.element_size()
+    p.dst_row_stride_bytes = dst.stride(0) * dst.element_size()
+    p.row_bytes = src.shape[1] * src.element_size()
+    p.num_rows = idx.numel()
+    p.scatter = scatter
+    C.row_copy(p, torch.cuda.current_stream(src.device).cuda_stream)
 
 
 class _IndexFirstAxis(torch.autograd.Function):
@@ -201,17 +205,19 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
 def _unpad_index(mask: torch.Tensor):
     """(indices int64 (total,), cu_seqlens int32 (batch+1,), seqlens int32 (batch,)) of a 0/1 mask."""
     batch, seqlen = mask.shape
-    C = _cuda_module(mask, "unpad_index_cuda")
+    C = _cuda_module(mask, "unpad_index")
     if C is not None and batch > 0 and seqlen > 0:
-        m = mask.to(torch.uint8)
+        m = mask if mask.dtype == torch.bool else mask != 0
+        m = m.view(torch.uint8)
         seqlens = torch.empty(batch, dtype=torch.int32, device=mask.device)
         cu = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
         indices_all = torch.empty(batch * seqlen, dtype=torch.int64, device=mask.device)
-        stream = torch.cuda.current_stream(mask.device).cuda_stream
-        err = C.unpad_index_cuda(m.data_ptr(), batch, seqlen, m.stride(0), m.stride(1), seqlens.data_ptr(),
-                                 cu.data_ptr(), indices_all.data_ptr(), stream)
-        if err:
-            raise RuntimeError(f"posattn._C unpad_index failed: {err}")
+        p = C.UnpadIndexParams()
+        p.mask, p.seqlens, p.cu_seqlens, p.indices = m.data_ptr(), seqlens.data_ptr(), cu.data_ptr(), \
+            indices_all.data_ptr()
+        p.mask_stride_b, p.mask_stride_s = m.stride(0), m.stride(1)
+        p.batch_size, p.seqlen = batch, seqlen
+        C.unpad_index(p, torch.cuda.current_stream(mask.device).cuda_stream)
         total = int(cu[-1])
         return indices_all[:total], cu, seqlens
     seqlens = mask.sum(dim=-1, dtype=torch.int32)
@@ -491,12 +497,12 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     which = resolve(backend, q.device, supported=("triton", "cuda", "torch"), op="varlen_attention")
     if which == "cuda" and backend == "auto":  # no GPU measurement yet: auto never picks the CUDA kernel
         which = "triton"
+    need_lse_grad = return_attn_probs and torch.is_grad_enabled() and (
+        q.requires_grad or k.requires_grad or v.requires_grad)
     if which == "torch":
-        need_lse_grad = return_attn_probs and torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or v.requires_grad)
         out, lse = _varlen_torch(q, k, v, a, need_lse_grad)
     elif which == "triton":
-        out, lse = _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a)
+        out, lse = _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a, need_lse_grad)
     else:
         out, lse = _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a)
     return (out, lse, None) if return_attn_probs else out
@@ -719,12 +725,175 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True):
 # Triton and CUDA backends
 # =============================================================================================
 
-def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
-    raise RuntimeError("backend='triton': the varlen Triton path is not wired yet")
+def _varlen_kernel_pe(q, a: _Args):
+    """KernelPE for the varlen launchers: per-token position data moved to per-sequence rows.
+
+    The kernels index ``position_ids`` (batch_size, max_seqlen_k) and learned ``phases``
+    (batch_size, num_heads, max_seqlen_k, rotary_dim/2) by (sequence, index in the sequence), so
+    RoPE ids (total_k,) and CARoPE freqs (1, num_heads, total_k) are scattered into right-padded
+    per-sequence rows here (phases accumulate per row, i.e. restart at every sequence; the padding
+    after a sequence's last key never reaches its keys). Differentiable w.r.t. freqs and tables.
+    """
+    from .. import positional as _pos
+
+    spec = a.position
+    if not spec:
+        return None
+    dev = q.device
+    B, Lk = a.batch_size, a.max_seqlen_k
+    lens = torch.tensor(a.lens_k, device=dev)
+    starts = torch.tensor(a.cu_k[:-1], device=dev)
+    ar = torch.arange(Lk, device=dev)
+    valid = ar[None] < lens[:, None]                              # (B, Lk)
+    src = torch.where(valid, starts[:, None] + ar[None], 0)       # packed row of (b, j)
+    items = []
+    for obj in spec:
+        if obj is None:
+            continue
+        o2 = obj
+        if isinstance(obj, _pos.RoPE) and obj.position_ids is not None:
+            import copy
+            ids = obj.position_ids.reshape(-1).to(dev)
+            o2 = copy.copy(obj)
+            o2.position_ids = torch.where(valid, ids[src] if ids.numel() else src, 0)
+        elif isinstance(obj, _pos.LearnedPhaseRoPE):
+            import copy
+            fr = obj.freqs[0].to(dev)                             # (H, total_k)
+            g = fr[:, src.reshape(-1)].reshape(fr.shape[0], B, Lk) if fr.shape[1] else \
+                fr.new_ones((fr.shape[0], B, Lk))
+            g = torch.where(valid[None], g, torch.ones((), dtype=fr.dtype, device=dev))
+            o2 = copy.copy(obj)
+            o2.freqs = g.permute(1, 0, 2)                         # (B, H, Lk)
+        items.append(o2)
+    return _pos.kernel_args(items, batch_size=B, num_heads=a.num_heads, seqlen_q=min(a.max_seqlen_q, Lk),
+                            seqlen_k=Lk, head_dim=a.head_dim, offset=0, device=dev)
+
+
+def _triton_fwd(q, k, v, out, lse, cu_q, cu_k, pe, a: _Args, seed: int) -> None:
+    """One launch of the fused varlen forward into ``out``/``lse``; rows outside every sequence get
+    out 0 and lse -inf (the launcher leaves them untouched)."""
+    from . import attention as _attn
+    _attn._launcher().fused_attention_fwd(
+        q, k, v, out, lse, softmax_scale=a.softmax_scale, causal=a.causal, offset=None,
+        window_left=a.window_left, window_right=a.window_right, softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
+        seed=seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=a.max_seqlen_q, max_seqlen_k=a.max_seqlen_k)
+    end = a.cu_q[-1]
+    if end < a.total_q:
+        out[end:] = 0
+        lse[:, end:] = float("-inf")
+
+
+class _VarlenTriton(torch.autograd.Function):
+    """Autograd glue of the Triton varlen path: saves out and lse (fp32), backward = one bwd launch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, phases, bias_table, urpe_table, cu_q, cu_k, pe, a, seed):
+        out = torch.empty((a.total_q, a.num_heads, a.head_dim_v), dtype=q.dtype, device=q.device)
+        lse = torch.empty((a.num_heads, a.total_q), dtype=torch.float32, device=q.device)
+        _triton_fwd(q, k, v, out, lse, cu_q, cu_k, pe, a, seed)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        ctx.pe, ctx.a, ctx.seed = pe, a, seed
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from . import attention as _attn
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        pe, a = ctx.pe, ctx.a
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        need_tab, need_urpe, need_ph = ctx.needs_input_grad[4], ctx.needs_input_grad[5], ctx.needs_input_grad[3]
+        d_tab = torch.zeros_like(pe.bias_table, dtype=torch.float32) if need_tab else None
+        d_urpe = torch.zeros_like(pe.urpe_table, dtype=torch.float32) if need_urpe else None
+        d_ph = torch.zeros_like(pe.phases, dtype=torch.float32) if need_ph else None
+        _attn._launcher().fused_attention_bwd(
+            dout.contiguous(), q, k, v, out, lse, dq, dk, dv, softmax_scale=a.softmax_scale, causal=a.causal,
+            offset=None, window_left=a.window_left, window_right=a.window_right, softcap=a.softcap, pe=pe,
+            dropout_p=a.dropout_p, seed=ctx.seed, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=a.max_seqlen_q, max_seqlen_k=a.max_seqlen_k, d_bias_table=d_tab, d_urpe_table=d_urpe,
+            d_phases=d_ph, deterministic=a.deterministic)
+        # rows outside every sequence: zero gradient (the launcher does not touch them)
+        if a.cu_q[-1] < a.total_q:
+            dq[a.cu_q[-1]:] = 0
+        if a.cu_k[-1] < a.total_k:
+            dk[a.cu_k[-1]:] = 0
+            dv[a.cu_k[-1]:] = 0
+        cast = lambda g, t: None if g is None else g.to(t.dtype)  # noqa: E731
+        return (dq, dk, dv, cast(d_ph, pe.phases), cast(d_tab, pe.bias_table), cast(d_urpe, pe.urpe_table),
+                None, None, None, None, None)
+
+
+def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args, need_lse_grad: bool):
+    from . import attention as _attn
+    from .._checks import check_last_dim_contiguous
+
+    if need_lse_grad:
+        raise RuntimeError("backend='triton': a gradient through the returned lse is not supported by the Triton "
+                           "backward; use backend='torch' (or return_attn_probs=False)")
+    pe = _varlen_kernel_pe(q, a)
+    _attn._check_backend_support("triton", q, k, v, None, pe, dropout_p=a.dropout_p)
+    q, k, v = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    seed = _attn._draw_seed(a.dropout_p)
+    pe_ = pe if pe is not None else __import__("posattn.positional", fromlist=["KernelPE"]).KernelPE()
+    return _VarlenTriton.apply(q, k, v, pe_.phases, pe_.bias_table, pe_.urpe_table, cu_seqlens_q, cu_seqlens_k, pe_,
+                               a, seed)
 
 
 def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
-    raise RuntimeError("backend='cuda': the varlen CUDA C++ forward is not wired yet")
+    """CUDA C++ short-sequence forward (csrc/varlen.cu): whole K/V of a sequence in shared memory.
+
+    Forward only; fp16/bf16; head_dim 64 or 128 (head_dim_v == head_dim); ALiBi / RelativeBias /
+    T5Bias; no rotary, URPE, window, softcap or dropout. Not yet run on a GPU.
+    """
+    from .._backends import load_C
+
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise RuntimeError("backend='cuda': the CUDA C++ varlen kernel is forward-only; use backend='triton' "
+                           "for training (or run under torch.no_grad())")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q: backend='cuda' takes float16 or bfloat16, got {dtype_name(q.dtype)}")
+    if a.head_dim not in (64, 128) or a.head_dim_v != a.head_dim:
+        raise ValueError(f"q: backend='cuda' supports head_dim 64 or 128 with head_dim_v == head_dim, got "
+                         f"head_dim={a.head_dim}, head_dim_v={a.head_dim_v}")
+    rot, bias, urpe = a.position
+    unsupported = [n for n, bad in (("a rotary encoding", rot is not None), ("URPE", urpe is not None),
+                                    ("window_size", a.window_left >= 0 or (a.window_right >= 0 and not a.causal)),
+                                    ("softcap", a.softcap > 0), ("dropout_p", a.dropout_p > 0)) if bad]
+    if unsupported:
+        raise ValueError(f"backend='cuda': the short-sequence kernel does not support {', '.join(unsupported)}; "
+                         f"use backend='triton'")
+    pe = _varlen_kernel_pe(q, a)
+    C = load_C()
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = torch.empty((a.total_q, a.num_heads, a.head_dim_v), dtype=q.dtype, device=q.device)
+    lse = torch.empty((a.num_heads, a.total_q), dtype=torch.float32, device=q.device)
+    p = C.VarlenAttnParams()
+    p.q, p.k, p.v, p.out, p.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()
+    p.cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
+    p.q_stride_t, p.q_stride_h = q.stride(0), q.stride(1)
+    p.k_stride_t, p.k_stride_h = k.stride(0), k.stride(1)
+    p.v_stride_t, p.v_stride_h = v.stride(0), v.stride(1)
+    p.out_stride_t, p.out_stride_h = out.stride(0), out.stride(1)
+    p.lse_stride_h = lse.stride(0)
+    p.batch_size, p.num_heads, p.num_heads_k, p.head_dim = a.batch_size, a.num_heads, a.num_heads_k, a.head_dim
+    p.max_seqlen_q, p.max_seqlen_k = a.max_seqlen_q, a.max_seqlen_k
+    p.softmax_scale, p.causal = float(a.softmax_scale), bool(a.causal)
+    p.bias_mode = int(pe.bias_mode) if pe is not None else 0
+    if pe is not None and pe.bias_mode == 1:
+        slopes = pe.alibi_slopes.contiguous()
+        p.alibi_slopes, p.alibi_stride_b = slopes.data_ptr(), slopes.stride(0)
+    if pe is not None and pe.bias_mode in (2, 3):
+        tab = pe.bias_table
+        p.bias_table, p.bias_stride_0, p.bias_stride_1 = tab.data_ptr(), tab.stride(0), tab.stride(1)
+        p.max_distance, p.num_buckets, p.bidirectional = int(pe.max_distance), int(pe.num_buckets), \
+            bool(pe.bidirectional)
+    p.dtype = dtype_name(q.dtype)
+    C.varlen_attention_fwd(p, torch.cuda.current_stream(q.device).cuda_stream)
+    end = a.cu_q[-1]
+    if end < a.total_q:
+        out[end:] = 0
+        lse[:, end:] = float("-inf")
+    return out, lse
 
 
 ops_registry.register("varlen_attention", "posattn.ops.varlen", ("triton", "cuda", "torch"))
