@@ -37,10 +37,10 @@ from .positional import (additive_bias, relative_index, rotary_cols, rotary_cos_
 __all__ = ["fused_attention_fwd", "fused_attention_bwd", "dropout_keep_mask", "FWD_CONFIGS", "BWD_CONFIGS",
            "config_for"]
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # "unbounded" window side; int32-safe and larger than any sequence the kernels index
-_UNBOUNDED = 1 << 30
+_UNBOUNDED = tl.constexpr(1 << 30)
 
 # Launch configs per head_dim bucket (the padded max(head_dim, head_dim_v) rounds up to a key).
 # FlashAttention-2's Triton defaults: BLOCK_N 64 while head_dim <= 64, 32 above so that
@@ -695,12 +695,13 @@ class _Launch:
         self.offset = 0 if offset is None else int(offset)
         self.sm_scale = float(self.head_dim ** -0.5 if softmax_scale is None else softmax_scale)
         self.softcap = float(softcap or 0.0)
-        left = int(window_left) if window_left is not None and window_left >= 0 else _UNBOUNDED
-        right = int(window_right) if window_right is not None and window_right >= 0 else _UNBOUNDED
+        unb = _UNBOUNDED.value
+        left = int(window_left) if window_left is not None and window_left >= 0 else unb
+        right = int(window_right) if window_right is not None and window_right >= 0 else unb
         if causal:
             right = min(right, 0)
         self.window = (left, right)
-        self.has_window = bool(causal) or left != _UNBOUNDED or right != _UNBOUNDED
+        self.has_window = bool(causal) or left != unb or right != unb
         self.dropout_p = float(dropout_p)
         self.seed = int(seed)
 
@@ -763,9 +764,9 @@ class _Launch:
 
     def scalars(self, with_sm_scale: bool):
         s = self.softcap
-        qk_scale2 = self.sm_scale * LOG2E
+        qk_scale2 = self.sm_scale * LOG2E.value
         extra = (self.sm_scale,) if with_sm_scale else ()
-        return (*extra, qk_scale2, (self.sm_scale / s) if s > 0 else 0.0, s * LOG2E,
+        return (*extra, qk_scale2, (self.sm_scale / s) if s > 0 else 0.0, s * LOG2E.value,
                 self.window[0], self.window[1], self.bias_md, self.urpe_md,
                 self.rotary_half, float(self.pe.rotary_scale), float(self.pe.xpos_scale_base),
                 self.dropout_p, 1.0 / (1.0 - self.dropout_p), self.seed, self.rng_rows, self.rng_cols)
@@ -793,6 +794,10 @@ def _row_strides(t, varlen):
 
 def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
     cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V))
+    if launch.pe.bias_mode in (2, 3) or launch.pe.urpe_table is not None:
+        # the per-element table gathers get pipelined through shared memory: 3 stages of
+        # RelativeBias + URPE at d=64 compiled to 180 KB (> sm_80's 163 KB); 2 stages: 98 KB
+        cfg["num_stages"] = min(cfg["num_stages"], 2)
     if block_m is not None:
         cfg["BLOCK_M"] = int(block_m)
     if block_n is not None:
@@ -1016,3 +1021,45 @@ def dropout_keep_mask(batch_size, num_heads, seqlen_q, seqlen_k, dropout_p, seed
         _dropout_mask_kernel[grid](out, cu, num_heads, seqlen_q if not varlen else sq, seqlen_k, float(dropout_p),
                                    int(seed), rows, seqlen_k, *strides, BLOCK_M=16, BLOCK_N=16, IS_VARLEN=varlen)
     return out.bool()
+
+
+# ------------------------------------------------------------------------------------------------
+# compile report (python -m posattn report): the launches a GPU would get, on small CPU tensors
+# ------------------------------------------------------------------------------------------------
+MATMUL_BOUND = True
+
+
+def report_cases():
+    """(label, thunk) pairs: each thunk calls a launcher with the default FWD/BWD_CONFIGS, fp16.
+
+    Head dims 64 and 128; plain causal, RoPE + ALiBi, and RelativeBias + URPE with their table
+    gradients (the heaviest backward). ``posattn.report`` records the launches and compiles them
+    for sm_80 / sm_90 without running anything.
+    """
+    from posattn.positional import ALiBi, RelativeBias, RoPE, URPE, kernel_args
+
+    def case(head_dim, position, backward):
+        def thunk():
+            b, s, h = 1, 256, 2
+            q = torch.zeros(b, s, h, head_dim, dtype=torch.float16)
+            pe = kernel_args(position, batch_size=b, num_heads=h, seqlen_q=s, seqlen_k=s, head_dim=head_dim,
+                             offset=0, device="cpu")
+            out, lse = torch.zeros_like(q), torch.zeros(b, h, s)
+            opts = dict(causal=True, offset=0, pe=pe)
+            if not backward:
+                fused_attention_fwd(q, q, q, out, lse, **opts)
+                return
+            d_bias = torch.zeros_like(pe.bias_table) if pe.bias_table is not None else None
+            d_urpe = torch.zeros_like(pe.urpe_table) if pe.urpe_table is not None else None
+            fused_attention_bwd(out, q, q, q, out, lse, torch.zeros_like(q), torch.zeros_like(q),
+                                torch.zeros_like(q), d_bias_table=d_bias, d_urpe_table=d_urpe, **opts)
+        return thunk
+
+    cases = []
+    for d in (64, 128):
+        for name, position in (("causal", None), ("rope+alibi", [RoPE(), ALiBi()]),
+                               ("relbias+urpe", [RelativeBias(torch.zeros(2, 33), max_distance=16),
+                                                 URPE(torch.ones(2, 33), max_distance=16)])):
+            for backward in (False, True):
+                cases.append((f"d={d} {name} {'bwd' if backward else 'fwd'} fp16", case(d, position, backward)))
+    return cases
