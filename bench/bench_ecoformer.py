@@ -78,8 +78,11 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="max error vs the float64 reference first")
     p.add_argument("--fit", type=int, nargs="*", default=None, help="time KernelizedHash.fit on these token counts")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared machine, more threads make timings erratic)")
     args = p.parse_args(argv)
     dev = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     env = harness.environment(dev)
     print(f"# device: {harness.device_name(dev)}; " + "; ".join(f"{k}={v}" for k, v in env.items() if k != "device"))
 

@@ -166,25 +166,31 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
     q5 = q.to(cdt).reshape(B, Hk, G, M, nb)
     kk, vv = k.to(cdt), v.to(cdt)
     keep4 = (torch.ones(B, N, dtype=cdt, device=v.device) if keep is None else keep.to(cdt))[:, None, :, None]
+    # A query with no visible key has num = 0 (or (b+1) v_i) and den = 0: dividing by +inf there
+    # gives exactly 0. In-place adds/divides keep the passes over the (M, d) output few (the op is
+    # memory-bound on CPU at long lengths).
+    inf = torch.tensor(float("inf"), dtype=cdt, device=v.device)
     if not causal:
-        km, vm = kk * keep4, vv * keep4
+        km, vm = (kk, vv) if keep is None else (kk * keep4, vv * keep4)
         S = km.transpose(-1, -2) @ vm                                 # (B, Hk, b, d)
         z = km.sum(2)                                                 # (B, Hk, b)
         s = vm.sum(2)                                                 # (B, Hk, d)
         n = keep4.sum(2).reshape(B, 1, 1, 1, 1)
-        num = torch.einsum("bhgmc,bhcd->bhgmd", q5, S)
-        den = torch.einsum("bhgmc,bhc->bhgm", q5, z)[..., None] + C * n
-        num = num + C * (vv[:, :, None, :M] if ref_form else s[:, :, None, None, :])
-        n_vis = n
+        num = q5 @ S[:, :, None]                                      # (B, Hk, G, M, d)
+        den = q5 @ z[:, :, None, :, None] + C * n                     # (B, Hk, G, M, 1)
+        num = num.add_(C * (vv[:, :, None, :M] if ref_form else s[:, :, None, None, :]))
+        out = num.div_(torch.where(n > 0, den, inf))
     else:
         P = max(M, N)
         pad = lambda t, L: torch.nn.functional.pad(t, (0, 0, 0, P - L))
-        q5, kk, vv, keep4 = (torch.nn.functional.pad(q5, (0, 0, 0, P - M)), pad(kk, N), pad(vv, N), pad(keep4, N))
+        if M != N:  # pad the shorter side to P positions (padded keys are masked out)
+            q5, kk, vv, keep4 = (torch.nn.functional.pad(q5, (0, 0, 0, P - M)), pad(kk, N), pad(vv, N),
+                                 pad(keep4, N))
         S = q5.new_zeros(B, Hk, nb, d)
         z = q5.new_zeros(B, Hk, nb)
         s = q5.new_zeros(B, Hk, d)
         n = q5.new_zeros(B, 1, 1)
-        nums, dens, nvis = [], [], []
+        outs = []
         for c0 in range(0, M, chunk):
             c1 = min(c0 + chunk, P)
             L = c1 - c0
@@ -199,19 +205,14 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
             else:
                 num_c = num_c + C * s[:, :, None, None, :]
             den_c = torch.einsum("bhgmc,bhc->bhgm", qc, z) + C * n[..., None] + w.sum(-1)
-            nums.append(num_c)
-            dens.append(den_c)
-            nvis.append(n[..., None] + vis.sum(-1))
+            n_vis = n[..., None] + vis.sum(-1)
+            outs.append(num_c / torch.where(n_vis > 0, den_c, inf)[..., None])
             kcm, vcm = kc * mc, vc * mc
             S = S + kcm.transpose(-1, -2) @ vcm
             z = z + kcm.sum(2)
             s = s + vcm.sum(2)
             n = n + mc.sum(2)
-        num = torch.cat(nums, 3)[:, :, :, :M]
-        den = torch.cat(dens, 3)[:, :, :, :M, None]
-        n_vis = torch.cat(nvis, 3)[:, :, :, :M, None]
-    has = n_vis > 0
-    out = torch.where(has, num / torch.where(has, den, torch.ones_like(den)), torch.zeros_like(num))
+        out = torch.cat(outs, 3)[:, :, :, :M]
     return out.reshape(B, H, M, d).to(v.dtype)
 
 
