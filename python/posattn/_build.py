@@ -125,5 +125,10 @@ def jit_build(verbose: bool = False) -> Path | None:
     key = sources_hash(root, archs)
     cache = Path(os.environ.get("POSATTN_CACHE_DIR", Path.home() / ".cache" / "posattn")) / key
     if not list(cache.glob("_C*.so")):
-        cmake_build(root, cache / "build", cache, archs=archs, verbose=verbose)
+        # Build in a private folder and move the module in with one rename, so two processes
+        # building at once never load a half-written .so (the loser's rename just replaces it).
+        tmp = cache / f"tmp-{os.getpid()}"
+        built = cmake_build(root, tmp / "build", tmp, archs=archs, verbose=verbose)
+        os.replace(built, cache / built.name)
+        shutil.rmtree(tmp, ignore_errors=True)
     return cache
