@@ -864,14 +864,16 @@ def kernelized_rpe_direct(q, k, v, rpe_bias, feature_map, causal: bool = False) 
     return (w @ vv) / w.sum(-1, keepdim=True)
 
 
-def kernelized_rpe_fft(q, k, v, rpe_bias, feature_map, causal: bool = False) -> torch.Tensor:
+def kernelized_rpe_fft(q, k, v, rpe_bias, feature_map, causal: bool = False,
+                       dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The same formula through Algorithm 1 of Luo et al.: Toeplitz products by a circulant FFT of length
-    L >= N + S - 1, float64, no chunking (materialises (B, H, L, m * d_v))."""
+    L >= N + S - 1, no chunking (materialises (B, H, L, m * d_v)). Computed in ``dtype`` (float64: the truth;
+    float32: what plain torch.fft achieves in fp32, the second oracle of STYLE.md for an FFT kernel)."""
     num_heads, n, s = q.shape[1], q.shape[2], k.shape[2]
-    fq = feature_map(q.to(torch.float64))
-    fk = _expand_kv(feature_map(k.to(torch.float64)), num_heads)
-    vv = _expand_kv(v.to(torch.float64), num_heads)
-    c = torch.exp(rpe_bias.to(torch.float64))
+    fq = feature_map(q.to(dtype)).to(dtype)
+    fk = _expand_kv(feature_map(k.to(dtype)).to(dtype), num_heads)
+    vv = _expand_kv(v.to(dtype), num_heads)
+    c = torch.exp(rpe_bias.to(dtype))
     if causal:
         c = torch.cat([c[:, :n], torch.zeros_like(c[:, n:])], dim=1)
     length = n + s - 1

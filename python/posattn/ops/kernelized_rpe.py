@@ -576,6 +576,7 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if bool(clamped.any()):
         warnings.warn(f"kernelized_rpe_attention: {int(clamped.sum())} of {clamped.numel()} query rows have a "
                       f"denominator below the {dtype_name(cdt)} FFT round-off floor (rpe_bias spans too wide a range "
-                      f"for this precision); their output is unreliable. Try fft_dtype=torch.float64.",
+                      f"for this precision); their output is unreliable."
+                      + (" Try fft_dtype=torch.float64." if cdt != torch.float64 else ""),
                       RuntimeWarning, stacklevel=2)
     return out
