@@ -192,10 +192,16 @@ def _build_input(backend, x, v, fft_len, *, mode, f0, num_chunk, projection=None
         phi = torch.exp(xs @ w.T - 0.5 * (xs * xs).sum(-1, keepdim=True) - shift[..., None]) * feat_scale
     else:
         phi, _ = _features(x[..., f0:f0 + num_chunk].to(cdt), mode, None, 1.0, False)
-    out = x.new_zeros((batch, heads, num_chunk * (dv + 1), fft_len), dtype=cdt)
-    out[..., : num_chunk * dv, :seqlen] = (phi[..., :, None] * v.to(cdt)[..., None, :]).flatten(-2).transpose(-1, -2)
-    a2 = phi if row_scale is None else phi * row_scale[..., None]
-    out[..., num_chunk * dv:, :seqlen] = a2.transpose(-1, -2)
+    out = torch.empty((batch, heads, num_chunk * (dv + 1), fft_len), dtype=cdt, device=x.device)
+    out[..., seqlen:].zero_()
+    phi_t = phi.transpose(-1, -2)                                        # (B, H, nc, S)
+    # outer products written in place, sequence axis last: A1[f, e, j] = phi[j, f] v[j, e]
+    torch.mul(phi_t[:, :, :, None, :], v.to(cdt).transpose(-1, -2)[:, :, None, :, :],
+              out=out[..., : num_chunk * dv, :seqlen].unflatten(2, (num_chunk, dv)))
+    if row_scale is None:
+        out[..., num_chunk * dv:, :seqlen] = phi_t
+    else:
+        torch.mul(phi_t, row_scale[..., None, :].to(cdt), out=out[..., num_chunk * dv:, :seqlen])
     return out
 
 
@@ -237,7 +243,7 @@ class _KernelizedRPE(torch.autograd.Function):
                                  shift=shift_k, x_scale=cfg["x_scale"], feat_scale=cfg["feat_scale"], cdt=cdt)
                 spec = torch.fft.rfft(a, dim=-1)
                 del a
-                spec = (spec[:, :, None] * spec_u).flatten(1, 2)
+                spec = spec.mul_(spec_u[:, :, 0]) if group == 1 else (spec[:, :, None] * spec_u).flatten(1, 2)
                 d = torch.fft.irfft(spec, n=fft_len, dim=-1)[..., :n]
                 del spec
                 pq = phiq[..., f0:f0 + nc]
