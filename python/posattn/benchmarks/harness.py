@@ -27,7 +27,6 @@ import platform
 import statistics
 import subprocess
 import time
-import tracemalloc
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -107,11 +106,16 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, min_time_s: float
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak extra memory of one call in bytes: CUDA allocator peak, or CPU tracemalloc peak.
+    """Peak extra memory of one call in bytes (everything the call allocates, its output included).
 
-    On CPU, torch's allocations go through the system allocator, which ``tracemalloc`` does not
-    see; we therefore use torch's CPU profiler memory accounting when available, and fall back to
-    tracemalloc (Python-level allocations only) otherwise. Reported as a relative figure.
+    * CUDA: the caching allocator's peak above what was allocated before the call.
+    * CPU: torch's CPU allocations are not visible to ``tracemalloc``; we replay the allocator's own
+      records. With ``torch.profiler.profile(profile_memory=True)`` every allocation and free is a
+      raw ``[memory]`` event with its size (negative for a free) and a timestamp; the running sum
+      in time order gives the live extra bytes, and its maximum is the peak. (The per-op
+      ``FunctionEvent.cpu_memory_usage`` totals include children, so summing them double counts
+      nested ops: 2x on ``(x @ x).softmax(-1)``, 3x on SDPA's math path; not used.)
+      ``rss_peak_memory`` is the independent cross-check (whole-process RSS high-water).
     """
     gc.collect()
     if device.type == "cuda":
@@ -124,31 +128,83 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # running sum of allocations/frees in event order gives the peak of live extra memory
-    events = sorted((e for e in prof.events() if getattr(e, "cpu_memory_usage", 0)),
-                    key=lambda e: e.time_range.start)
+    raw = [e for e in prof.profiler.kineto_results.events()
+           if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    raw.sort(key=lambda e: e.start_ns())
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for e in raw:
+        live += e.nbytes()
         peak = max(peak, live)
-    if peak == 0:
-        tracemalloc.start()
-        fn()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
     return peak
+
+
+_RSS_CHILD = r"""
+import gc, importlib, json, resource, sys, torch
+torch.set_num_threads(int(sys.argv[3]))
+mod, name = sys.argv[1].rsplit(":", 1)
+fn, inputs = getattr(importlib.import_module(mod), name)(json.loads(sys.argv[2]))
+gc.collect()
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+fn()
+print(json.dumps({"base_kb": base, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def rss_peak_memory(setup_ref: str, cfg: dict, *, threads: int = 1, timeout: float = 600) -> int:
+    """Extra RSS high-water of one call, measured in a fresh subprocess (CPU cross-check).
+
+    ``setup_ref`` is ``"module:function"``; ``function(cfg) -> (fn, inputs)`` builds the inputs and
+    ``fn()`` is called once. Returns ``ru_maxrss`` after the call minus before it, in bytes. Only
+    meaningful when the call's peak exceeds the setup's own high-water (true for the large
+    transient buffers this is used for); includes allocator slack, so it is an upper bound.
+    """
+    import json
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _RSS_CHILD, setup_ref, json.dumps(cfg), str(threads)],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rss_peak_memory({setup_ref}): {proc.stderr.strip().splitlines()[-1:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    return (res["peak_kb"] - res["base_kb"]) * 1024
+
+
+_COPY_BW: dict = {}
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in GB/s (bytes read + written per second), cached per device.
+
+    The ceiling that memory-bound rows are compared against: 1 GiB buffers on CUDA, 64 MiB on CPU.
+    """
+    key = str(device)
+    if key not in _COPY_BW:
+        n = (1 << 30) if device.type == "cuda" else (1 << 26)
+        src = torch.empty(n // 4, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        t = time_fn(lambda: dst.copy_(src), device, min_time_s=0.1, max_reps=20)
+        _COPY_BW[key] = 2 * n / (t.median_ms * 1e-3) / 1e9
+        del src, dst
+    return _COPY_BW[key]
 
 
 # ---------------------------------------------------------------------------------------------
 # Cases and results
 # ---------------------------------------------------------------------------------------------
+class Absent(Exception):
+    """Raised by a setup when its provider cannot run here (not importable, needs CUDA, no kernel for
+    this shape or option). The row stays in the table with status ``absent: <reason>``."""
+
+
 @dataclasses.dataclass
 class Case:
     """One row of a benchmark: an op on a shape with one provider.
 
-    setup() -> (fn, inputs): builds inputs once and returns a zero-arg callable.
-    check(fn_output) -> max abs error vs the float64 reference (optional).
-    baseline: the provider whose time this row's ratio is against (same op and shape).
+    setup() -> (fn, inputs): builds inputs once and returns a zero-arg callable (one call of the
+    op in ``mode``); raises :class:`Absent` when the provider cannot run here.
+    check(fn_output) -> max abs error vs the float64 reference (optional; fwd outputs only).
+    baseline: the provider whose time this row's ratio is against (same op, shape, dtype, mode).
+    bytes: bytes a memory-bound call must move at least (adds GB/s and % of the copy bandwidth).
+    x, series: the swept size (seqlen) and the plot panel the row belongs to (``--plot``).
     """
     op: str
     shape: str
@@ -162,6 +218,15 @@ class Case:
     baseline: Optional[str] = None
     note: str = ""
     tokens: Optional[Callable[[], int]] = None  # tokens per call, read after setup (adds tok/s)
+    x: Optional[int] = None
+    series: str = ""
+
+
+def absent_case(op: str, shape: str, provider: str, reason: str, **kw) -> Case:
+    """A row for a provider that cannot run here, with the reason (never a silent omission)."""
+    def setup():
+        raise Absent(reason)
+    return Case(op, shape, provider, setup, **kw)
 
 
 @dataclasses.dataclass
@@ -182,12 +247,16 @@ class Result:
     peak_mb: Optional[float] = None
     baseline: Optional[str] = None
     note: str = ""
+    bw_frac: Optional[float] = None      # gbps / measured copy bandwidth
+    x: Optional[int] = None
+    series: str = ""
 
 
 def run_case(case: Case, device: torch.device, *, check: bool = True, memory: bool = False,
              min_time_s: float = 0.2) -> Result:
+    """Set up, check (``--check``), time and optionally measure memory of one case; never raises."""
     res = Result(case.op, case.shape, case.provider, case.dtype, case.mode, "ok",
-                 baseline=case.baseline, note=case.note)
+                 baseline=case.baseline, note=case.note, x=case.x, series=case.series)
     try:
         fn, _inputs = case.setup()
         out = fn()
@@ -202,14 +271,19 @@ def run_case(case: Case, device: torch.device, *, check: bool = True, memory: bo
             res.note = f"{case.tokens() / (t.median_ms * 1e-3):,.0f} tok/s" + (f"; {res.note}" if res.note else "")
         if case.bytes:
             res.gbps = case.bytes / (t.median_ms * 1e-3) / 1e9
+            res.bw_frac = res.gbps / copy_bandwidth(device)
         if memory:
             res.peak_mb = peak_memory(fn, device) / 2**20
+    except Absent as err:
+        res.status = f"absent: {err}"
     except NotImplementedError as err:
         res.status = f"not built yet ({err})" if str(err) else "not built yet"
     except Exception as err:  # a failing provider is a row, not a crash of the whole table
         res.status = f"error: {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
     finally:
         gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return res
 
 
@@ -280,7 +354,8 @@ def to_rows(results: list[Result]) -> list[list[str]]:
                      f"{_fmt(r.p20_ms, '.3f')}-{_fmt(r.p80_ms, '.3f')}" if r.p20_ms is not None else "",
                      (f"{r.ratio:.2f}x vs {r.baseline}" if r.ratio is not None else ""),
                      _fmt(r.tflops, ".3f") if r.tflops is not None else "",
-                     _fmt(r.gbps, ".1f") if r.gbps is not None else "",
+                     (_fmt(r.gbps, ".1f") + (f" ({100 * r.bw_frac:.0f}% copy)" if r.bw_frac else ""))
+                     if r.gbps is not None else "",
                      _fmt(r.peak_mb, ".1f") if r.peak_mb is not None else "",
                      r.status if r.status != "ok" else (r.note or "ok")])
     return rows
@@ -300,11 +375,22 @@ def markdown_table(results: list[Result], env: dict) -> str:
 
 
 def print_table(results: list[Result], env: dict, title: str = "posattn bench") -> None:
+    """The table on the console; absent providers listed compactly below it (they stay in the CSV)."""
     from rich.console import Console
     from rich.table import Table
+    shown = [r for r in results if not r.status.startswith("absent")]
     table = Table(title=f"{title} — {env['device']} — {env['date']}")
     for h in HEADER:
         table.add_column(h, overflow="fold")
-    for row in to_rows(results):
+    for row in to_rows(shown):
         table.add_row(*row)
-    Console(width=max(160, int(os.environ.get("COLUMNS", "160")))).print(table)
+    console = Console(width=max(160, int(os.environ.get("COLUMNS", "160"))))
+    console.print(table)
+    reasons: dict = {}
+    for r in results:
+        if r.status.startswith("absent"):
+            reasons.setdefault((r.provider, r.status[len("absent: "):]), set()).add(r.op)
+    if reasons:
+        console.print("absent here: " + "; ".join(f"{p} ({why}; {', '.join(sorted(ops))})"
+                                                   for (p, why), ops in sorted(reasons.items())),
+                      highlight=False)
