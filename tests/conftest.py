@@ -44,3 +44,8 @@ def seed(request):
     s = int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:4], "little")
     torch.manual_seed(s)
     return s
+
+
+# ---- hypothesis profiles "ci" (default, fast) and "deep" (>= 5000 examples per op and backend), chosen with
+# ---- pytest's --hypothesis-profile=deep; defined in tests/hypothesis_profiles.py (owner: the fuzz tests)
+import hypothesis_profiles  # noqa: E402,F401

@@ -631,7 +631,8 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
                 if seqlen_q > 0 and (offset < 0 or seqlen_q + offset > seqlen_k):
                     raise ValueError(f"{arg}: query rows sit at key indices [{offset}, {seqlen_q + offset}), "
                                      f"outside the seqlen_k={seqlen_k} position ids")
-                ids = ids.reshape(-1, seqlen_k).to(device=device, dtype=torch.int32).contiguous()
+                ids = ids.reshape(1 if ids.dim() == 1 else ids.shape[0], seqlen_k)  # -1 is ambiguous at seqlen_k=0
+                ids = ids.to(device=device, dtype=torch.int32).contiguous()
                 if ids.numel():
                     seqlen = int(ids.max()) + 1
             out.update(rotary_mode=1, rotary_dim=r, interleaved=rot.interleaved,

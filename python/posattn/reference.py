@@ -495,7 +495,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         else:  # RoPE
             r = rot.get_rotary_dim(D)
             pq_r, pk_r = _rotary_positions(rot, B, Sq, Sk, offset, dev)
-            seqlen = Sk if rot.position_ids is None else int(rot.position_ids.max()) + 1
+            ids = rot.position_ids
+            seqlen = Sk if ids is None or ids.numel() == 0 else int(ids.max()) + 1
             inv = rope_inv_freq(D, rot.theta, r, rot.scaling, seqlen, device=dev)
             af = yarn_attention_factor(rot.scaling)
             cq, sq_ = rope_cos_sin(pq_r.unsqueeze(1), inv)  # (B|1, 1, Sq, r/2)

@@ -1,0 +1,322 @@
+"""Strategies and checks shared by the property-based fuzz tests (tests/test_fuzz_*.py).
+
+Every example draws a seed (so the minimal failing input hypothesis prints is reproducible) and builds
+fresh random tensors from it: never zeros, in one of several value regimes (unit normal, tiny, large,
+exact ties) and memory layouts (contiguous, permuted, storage offset, strided with NaN in the gaps).
+Kernels run inside ``poisoned_allocations()``: ``torch.empty`` & co. return NaN, so an output element a
+kernel forgets to write cannot pass. Results are compared with the float64 reference with the table of
+tests/tolerances.py (``check_close`` adds: no NaN anywhere, and +-inf exactly where the reference has it).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from hypothesis import strategies as st
+
+from posattn.positional import ALiBi, LearnedPhaseRoPE, RelativeBias, RoPE, T5Bias, URPE, XPos
+from tolerances import BWD, FWD
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+VALUE_KINDS = ("unit", "tiny", "large", "ties")
+LAYOUTS = ("contiguous", "permuted", "offset", "strided")
+_SCALE = {"unit": 1.0, "tiny": 1e-3, "large": 2.5}
+_INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+             torch.float64: torch.int64}
+
+
+# ---------------------------------------------------------------------------------------------
+# allocation poisoning, snapshots
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """While active, uninitialised allocations (torch.empty, empty_like, new_empty, ...) are filled with NaN
+    (integers: their max), through torch's deterministic mode with ``fill_uninitialized_memory``."""
+    import torch.utils.deterministic as det
+    prev = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        det.fill_uninitialized_memory = prev[2]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.dtype in _INT_VIEW:
+        return t.view(_INT_VIEW[t.dtype])
+    return t
+
+
+def snapshot(**tensors):
+    """Bit copies (and strides) of the given tensors, for ``assert_unchanged``."""
+    return {n: (None if t is None else (_bits(t).clone(), t.stride(), t.storage_offset()))
+            for n, t in tensors.items() if t is None or isinstance(t, torch.Tensor)}
+
+
+def assert_unchanged(snap, **tensors):
+    """The inputs are bit-identical to their snapshot (NaN payloads included) with the same strides."""
+    for n, t in tensors.items():
+        if n not in snap or snap[n] is None:
+            continue
+        bits, stride, off = snap[n]
+        assert t.stride() == stride and t.storage_offset() == off, f"{n}: layout changed"
+        assert torch.equal(_bits(t), bits), f"{n}: the op modified its input"
+
+
+# ---------------------------------------------------------------------------------------------
+# values and layouts
+# ---------------------------------------------------------------------------------------------
+
+def values(shape, dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """Random values of ``kind``, rounded to ``dtype`` (contiguous, no grad).
+
+    unit: N(0, 1); tiny: N(0, 1e-3^2); large: N(0, 2.5^2); ties: multiples of 0.5 in [-1, 1] (equal logits
+    and equal values, exactly representable in every dtype)."""
+    shape = tuple(shape)
+    if kind == "ties":
+        t = torch.randint(-2, 3, shape, generator=gen).to(torch.float32) * 0.5
+    else:
+        t = torch.randn(shape, generator=gen) * _SCALE[kind]
+    return t.to(dtype)
+
+
+def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout (a leaf without grad).
+
+    contiguous: a copy; permuted: memory order of the first two dims swapped (unit last-dim stride kept);
+    offset: a view at storage offset 3 of a NaN-filled buffer; strided: every other element of the last
+    dim of a NaN-filled buffer (last-dim stride 2; the gaps hold NaN, so reading them shows)."""
+    t = t.detach()
+    if layout == "contiguous" or t.dim() == 0:
+        return t.clone()
+    if layout == "permuted":
+        if t.dim() < 2:
+            return t.clone()
+        return t.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "offset":
+        buf = torch.full((t.numel() + 3,), float("nan"), dtype=t.dtype)
+        view = buf[3:].view(t.shape)
+        view.copy_(t)
+        return view
+    if layout == "strided":
+        buf = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1],), float("nan"), dtype=t.dtype)
+        view = buf[..., ::2]
+        view.copy_(t)
+        return view
+    raise KeyError(layout)
+
+
+def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
+    return t.requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# comparisons
+# ---------------------------------------------------------------------------------------------
+
+def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, terms=None):
+    """Compare with the float64 reference using the per-dtype table of tests/tolerances.py, scaled to the
+    magnitude of the values (fuzzing draws large values and gradients that cancel to ~0).
+
+    * no NaN in ``actual``; +-inf exactly where the reference has them;
+    * relative L2 error <= the table's ``l2``, relative to ``max(||expected||, scale)``;
+    * elementwise ``|a - e| <= atol * m + rtol * |e|`` with ``m = max(1, max|expected|, scale_max)``.
+
+    ``scale`` (a float norm) is a floor for tensors whose true value cancels to ~0 (e.g. dk with one key:
+    every softmax row is constant, so the gradient is 0 and fp32 leaves ~1e-7 of rounding): pass the norm of a
+    sibling gradient of the same units, scaled to this tensor's size (``grad_floor``).
+    ``terms``: the gradient of a positional table is a sum over every (batch, head, query, key) logit, with
+    cancellation (each softmax row's gradient sums to 0), so fp32 round-off grows like sqrt(terms); the
+    tolerances are widened by ``max(1, sqrt(terms) / 16)`` (16^2 = 256 terms is what the table assumes).
+    """
+    a = actual.detach().to(torch.float64).cpu()
+    e = expected.detach().to(torch.float64).cpu()
+    assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+    assert not torch.isnan(a).any(), f"{name}: NaN in the result ({int(torch.isnan(a).sum())} values)"
+    assert not torch.isnan(e).any(), f"{name}: NaN in the reference (a test bug)"
+    inf = torch.isinf(e)
+    assert torch.equal(torch.isinf(a), inf), f"{name}: infinities differ from the reference"
+    assert torch.equal(a[inf], e[inf]), f"{name}: infinities of the wrong sign"
+    a, e = a[~inf], e[~inf]
+    if e.numel() == 0:
+        return
+    atol, rtol, l2 = (BWD if grad else FWD)[dtype]
+    if terms:
+        widen = max(1.0, math.sqrt(terms) / 16)
+        atol, rtol, l2 = atol * widen, rtol * widen, l2 * widen
+    floor = 0.0 if scale is None else float(scale)
+    denom = max(e.norm().item(), floor)
+    err = (a - e).norm().item()
+    assert err <= l2 * denom or err == 0.0, (
+        f"{name}: relative L2 error {err / max(denom, 1e-300):.3e} > {l2:.1e} ({dtype}; |ref| {e.norm().item():.3e}, "
+        f"floor {floor:.3e})")
+    m = max(1.0, e.abs().max().item(), floor / math.sqrt(max(e.numel(), 1)))
+    bad = (a - e).abs() > atol * m + rtol * e.abs()
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {e.numel()} elements off by more than atol*{m:.3g} + rtol*|ref| ({dtype}); "
+        f"worst {(a - e).abs().max().item():.3e}")
+
+
+def grad_floor(ref_grads, names, base=("dq", "dk", "dv")):
+    """Floors for ``check_close(scale=...)``: the per-element norm of the largest of dq/dk/dv (dq, dk and
+    additive tables share units up to the logit scale), times sqrt(numel) of each."""
+    per = 0.0
+    for g, n in zip(ref_grads, names):
+        if n in base and g.numel():
+            per = max(per, g.detach().double().norm().item() / math.sqrt(g.numel()))
+    return [per * math.sqrt(max(g.numel(), 1)) for g in ref_grads]
+
+
+def grads(outputs, inputs, grad_outputs):
+    """torch.autograd.grad with zeros for inputs not reached."""
+    inputs = list(inputs)
+    if not inputs:
+        return []
+    g = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return [torch.zeros_like(t) if x is None else x for t, x in zip(inputs, g)]
+
+
+# ---------------------------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------------------------
+
+SEEDS = st.integers(0, 2 ** 31 - 1)
+# lengths with 0, 1 and block boundaries (16, 32, 64 are the Triton block sizes in use)
+LENGTHS_TINY = st.sampled_from([0, 1, 2, 3, 5, 15, 16, 17])
+LENGTHS = st.one_of(st.sampled_from([0, 1, 15, 16, 17, 31, 32, 33, 63, 64, 65]), st.integers(0, 70))
+
+
+@st.composite
+def heads(draw, max_heads=6):
+    """(num_heads, num_heads_k) with num_heads_k | num_heads: MHA, GQA with odd groups, MQA."""
+    hk = draw(st.integers(1, 3))
+    group = draw(st.sampled_from([1, 1, 2, 3]))
+    h = min(hk * group, max_heads)
+    if h % hk:
+        h = hk
+    return h, hk
+
+
+@st.composite
+def position_spec(draw, *, batch, heads, seqlen_q, seqlen_k, head_dim, offset, gen, learnable_alibi=True,
+                  allow=("rope", "xpos", "phase", "alibi", "relative", "t5", "urpe")):
+    """A random composition of positional encodings (at most one rotary, one bias, one URPE) that fits the
+    call, its learnable tensors (requires_grad) and a short description."""
+    leaves = []
+    parts = []
+    # rotary positions come from key indices [offset, offset + seqlen_q): learned phases and RoPE
+    # position_ids need them inside [0, seqlen_k)
+    rows_fit = seqlen_q == 0 or (offset >= 0 and seqlen_q + offset <= seqlen_k)
+    rot_choices = ["none"]
+    if "rope" in allow and head_dim >= 2:
+        rot_choices.append("rope")
+    if "xpos" in allow and head_dim % 2 == 0:
+        rot_choices.append("xpos")
+    if "phase" in allow and rows_fit and head_dim >= 2:
+        rot_choices.append("phase")
+    rot = draw(st.sampled_from(rot_choices))
+    even_dims = [r for r in range(2, head_dim + 1, 2)]
+    if rot == "rope":
+        rdim = draw(st.sampled_from([None] + even_dims)) if head_dim % 2 == 0 else draw(st.sampled_from(even_dims))
+        scaling = draw(st.sampled_from([None, "linear", "ntk", "dynamic", "llama3", "yarn"]))
+        sc = None
+        if scaling == "linear" or scaling == "ntk":
+            sc = {"type": scaling, "factor": draw(st.sampled_from([0.5, 2.0, 4.0]))}
+        elif scaling == "dynamic":
+            sc = {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": draw(st.sampled_from([4, 16]))}
+        elif scaling == "llama3":
+            sc = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": draw(st.sampled_from([8, 64]))}
+        elif scaling == "yarn":
+            sc = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": draw(st.sampled_from([8, 32]))}
+        ids = None
+        if rows_fit and draw(st.booleans()):
+            shape = draw(st.sampled_from([(seqlen_k,), (1, seqlen_k), (batch, seqlen_k)]))
+            ids = torch.randint(0, 4 * seqlen_k + 8, shape, generator=gen)
+        parts.append(RoPE(draw(st.sampled_from([10000.0, 500.0, 1e6])), rotary_dim=rdim,
+                          interleaved=draw(st.booleans()), scaling=sc, position_ids=ids))
+    elif rot == "xpos":
+        parts.append(XPos(draw(st.sampled_from([10000.0, 100.0])), scale_base=draw(st.sampled_from([32.0, 512.0]))))
+    elif rot == "phase":
+        fb = draw(st.sampled_from([1, batch]))
+        fr = (0.05 + 0.9 * torch.rand(fb, heads, seqlen_k, generator=gen)).requires_grad_(True)
+        leaves.append(fr)
+        rdim = draw(st.sampled_from([None] + even_dims)) if head_dim % 2 == 0 else draw(st.sampled_from(even_dims))
+        parts.append(LearnedPhaseRoPE(fr, rotary_dim=rdim, interleaved=draw(st.booleans())))
+
+    bias_choices = ["none"] + [b for b in ("alibi", "relative", "t5") if b in allow]
+    bias = draw(st.sampled_from(bias_choices))
+    if bias == "alibi":
+        kind = draw(st.sampled_from(["paper", "heads", "batch_heads"]))
+        if kind == "paper":
+            parts.append(ALiBi())
+        else:
+            shape = (heads,) if kind == "heads" else (batch, heads)
+            s = (0.02 + torch.rand(shape, generator=gen)).requires_grad_(learnable_alibi)
+            if learnable_alibi:
+                leaves.append(s)
+            parts.append(ALiBi(s))
+    elif bias == "relative":
+        dist = draw(st.integers(1, 8))
+        t = torch.randn(heads, 2 * dist + 1, generator=gen).requires_grad_(True)
+        leaves.append(t)
+        parts.append(RelativeBias(t, max_distance=dist))
+    elif bias == "t5":
+        bidir = draw(st.booleans())
+        nb = draw(st.sampled_from([4, 8, 16] if bidir else [2, 3, 8, 16]))
+        exact = (nb // 2 if bidir else nb) // 2
+        md = draw(st.integers(exact + 1, exact + 40))
+        t = torch.randn(nb, heads, generator=gen).requires_grad_(True)
+        leaves.append(t)
+        parts.append(T5Bias(t, num_buckets=nb, max_distance=md, bidirectional=bidir))
+    if "urpe" in allow and draw(st.booleans()):
+        dist = draw(st.integers(1, 8))
+        t = (1.0 + 0.5 * torch.randn(heads, 2 * dist + 1, generator=gen)).requires_grad_(True)
+        leaves.append(t)
+        parts.append(URPE(t, max_distance=dist))
+    if draw(st.booleans()):  # the order inside the list must not matter
+        parts = parts[::-1]
+    position = None if not parts else (parts[0] if len(parts) == 1 and draw(st.booleans()) else parts)
+    return position, leaves
+
+
+def hidden_keys(allowed: torch.Tensor, num_heads_k: int) -> torch.Tensor:
+    """allowed (B, H, Sq, Sk) bool -> (B, Hk, Sk) bool: keys no query of the kv head's group can see."""
+    B, H, Sq, Sk = allowed.shape
+    seen = allowed.reshape(B, num_heads_k, H // num_heads_k, Sq, Sk).any(dim=2).any(dim=2)
+    return ~seen
+
+
+def visibility(B, H, Sq, Sk, *, causal, offset, left=-1, right=-1, bool_mask=None, float_mask=None):
+    """(B, H, Sq, Sk) bool: which logits are finite (causal / window / masks), as in reference.attention."""
+    i = torch.arange(Sq)[:, None]
+    j = torch.arange(Sk)[None, :]
+    rel = j - (i + offset)
+    allowed = torch.ones(Sq, Sk, dtype=torch.bool)
+    if causal:
+        allowed &= rel <= 0
+    if left >= 0:
+        allowed &= rel >= -left
+    if right >= 0:
+        allowed &= rel <= right
+    allowed = allowed.expand(B, H, Sq, Sk)
+    if bool_mask is not None:
+        allowed = allowed & bool_mask
+    if float_mask is not None:
+        allowed = allowed & ~torch.isneginf(float_mask.to(torch.float64))
+    return allowed
+
+
+def poison_rows(t: torch.Tensor, rows: torch.Tensor, dim_layout: str = "bshd", value=float("nan")):
+    """Copy of ``t`` (B, S, Hk, D) ("bshd") or (B, Hk, S, D) ("bhsd") with the (b, hk, s) rows of ``rows``
+    (B, Hk, S) set to ``value``."""
+    t = t.detach().clone()
+    m = rows if dim_layout == "bhsd" else rows.transpose(1, 2)
+    t[m] = value
+    return t
