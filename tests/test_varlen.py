@@ -166,6 +166,17 @@ def test_varlen_cross_attention(backend, causal, device):
     check_varlen(backend, lens_q=lens_q, lens_k=lens_k, kind="relative", causal=causal, device=device)
 
 
+@pytest.mark.parametrize("kind", ["none", "rope_position_ids", "learned_phase"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_torch_chunk_plans(kind, causal, device, monkeypatch):
+    # no call overhead: one chunk per distinct length (uniform chunks, no mask); huge overhead: one
+    # padded chunk per alignment class (mask path). Both must give the same exact result.
+    lens = [4, 4, 0, 7, 1, 4, 7, 2]
+    for overhead in (0.0, 1e12):
+        monkeypatch.setattr(V, "CALL_OVERHEAD_FLOPS", overhead)
+        check_varlen("torch", lens_q=lens, lens_k=lens, kind=kind, causal=causal, device=device)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_varlen_all_length_one_and_mqa(backend, device):
     check_varlen(backend, lens_q=[1] * 6, lens_k=[1] * 6, heads=3, heads_k=1, kind="rope", causal=True,

@@ -500,7 +500,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     need_lse_grad = return_attn_probs and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad)
     if which == "torch":
-        out, lse = _varlen_torch(q, k, v, a, need_lse_grad)
+        out, lse = _varlen_torch(q, k, v, a, need_lse_grad, need_lse=return_attn_probs)
     elif which == "triton":
         out, lse = _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a, need_lse_grad)
     else:
@@ -562,49 +562,61 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 # torch backend: chunks of similar-length sequences through the dense torch backend
 # =============================================================================================
 
-# A chunk pads its sequences to its longest one; a new chunk starts when padding would add more than
-# CHUNK_SLACK of the chunk's real logits, unless the chunk is still tiny (CHUNK_MIN_WORK logits per
-# head), where one more dense call costs more than the padding. Tokens per chunk are bounded so a
-# chunk's padded q/k/v copies stay small.
-CHUNK_SLACK = 0.15
-CHUNK_MIN_WORK = 4096
+# A chunk pads its sequences to its longest one and costs one dense call. The plan minimises
+#   sum over chunks of (CALL_OVERHEAD_FLOPS + padded attention FLOPs of the chunk),
+# with CALL_OVERHEAD_FLOPS ~ 50 us (one SDPA call, ~12 us, plus ~10 small gather/index ops, measured
+# single-threaded on CPU) at ~10 GFLOP/s. Tokens per chunk are bounded so a chunk's padded copies of
+# q/k/v stay small.
+CALL_OVERHEAD_FLOPS = 5e5
 CHUNK_MAX_TOKENS = 1 << 16
+_DP_WINDOW = 48  # a chunk spans at most this many distinct lengths (keeps planning O(48 * lengths))
 
 
-def plan_chunks(lens_q, lens_k, *, slack: float = CHUNK_SLACK, min_work: int = CHUNK_MIN_WORK,
-                max_tokens: int = CHUNK_MAX_TOKENS) -> list:
+def plan_chunks(lens_q, lens_k, *, overhead: float = 0.0, max_tokens: int = CHUNK_MAX_TOKENS) -> list:
     """Group sequences for the torch backend: a list of lists of sequence ids.
 
-    Sequences with no query or no key are dropped (their rows are out 0, lse -inf). Only sequences with the same ``len_k - len_q`` share a
-    chunk (right padding then keeps every bottom-right alignment exact); within that class they are
-    sorted by length and cut greedily so that the padded logits ``n * Lq * Lk`` exceed the real ones
-    ``sum(lq * lk)`` by at most ``slack`` (or the chunk holds fewer than ``min_work`` logits).
+    Sequences with no query or no key are dropped (their rows are out 0, lse -inf). Only sequences
+    with the same ``len_k - len_q`` share a chunk (right padding then keeps every bottom-right
+    alignment exact). Within that class, sequences sorted by length are cut into runs minimising
+    ``sum(overhead + n * Lq * Lk)`` (padded logits per head, ``overhead`` = the cost of one more
+    chunk in the same unit) by dynamic programming over the distinct lengths.
 
-    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3], min_work=0)   # 3*4*4 = 48 > 1.15 * (9+9+16) logits
+    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3])                 # no call overhead: no padding at all
     [[0, 3], [2]]
-    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3])               # tiny: one dense call is cheaper
+    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3], overhead=100)   # 48 padded logits < 100 + 34
     [[0, 3, 2]]
     """
     classes: dict = {}
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
         if lq > 0 and lk > 0:
-            classes.setdefault(lk - lq, []).append(b)
+            classes.setdefault(lk - lq, {}).setdefault(lq, []).append(b)
     chunks = []
     for off in sorted(classes):
-        seqs = sorted(classes[off], key=lambda b: (lens_q[b], b))
-        cur, real = [], 0
-        for b in seqs:
-            lq, lk = lens_q[b], lens_k[b]
-            n = len(cur) + 1
-            padded = n * lq * lk  # sorted ascending: b is the longest so far
-            new_real = real + lq * lk
-            if cur and (padded > (1.0 + slack) * new_real and padded > min_work or n * max(lq, lk) > max_tokens):
-                chunks.append(cur)
-                cur, new_real = [], lq * lk
-            cur.append(b)
-            real = new_real
-        if cur:
-            chunks.append(cur)
+        units = []  # (len_q, ids) by increasing length; a length with too many tokens is split
+        for lq in sorted(classes[off]):
+            ids = classes[off][lq]
+            per = max(1, max_tokens // max(lq, lq + off))
+            units += [(lq, ids[i:i + per]) for i in range(0, len(ids), per)]
+        m = len(units)
+        best = [0.0] + [float("inf")] * m
+        cut = [0] * (m + 1)
+        for j in range(1, m + 1):
+            lq_j = units[j - 1][0]
+            lk_j = lq_j + off
+            n = 0
+            for i in range(j - 1, max(-1, j - 1 - _DP_WINDOW), -1):
+                n += len(units[i][1])
+                if n * max(lq_j, lk_j) > max_tokens and i < j - 1:
+                    break
+                c = best[i] + overhead + n * lq_j * lk_j
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        j, runs = m, []
+        while j > 0:
+            runs.append((cut[j], j))
+            j = cut[j]
+        for i, j in reversed(runs):
+            chunks.append([b for _, ids in units[i:j] for b in ids])
     return chunks
 
 
@@ -652,20 +664,22 @@ def _sdpa_cpu_ok(q, a: _Args, need_lse_grad: bool) -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
-def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True):
+def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool = True):
     """Chunks of similar-length sequences, right-padded, through a dense kernel with a key mask.
 
     Dense kernel: torch's fused CPU SDPA for plain attention (``_sdpa_cpu_ok``), else the dense
-    attention's torch backend (``ops/attention.py``, every positional encoding). Padded rows are
-    gathered from row 0 and masked out; only real rows are scattered back, so rows outside every
-    sequence keep out 0 / lse -inf and get no gradient.
+    attention's torch backend (``ops/attention.py``, every positional encoding). A chunk whose
+    sequences all have the same lengths needs no padding and no mask (the common case with the
+    default plan). Padded rows are gathered from row 0 and masked out; only real rows are written
+    back, so rows outside every sequence keep out 0 / lse -inf and get no gradient.
     """
     from . import attention as _attn
 
     dev = q.device
     out = q.new_zeros((a.total_q, a.num_heads, a.head_dim_v))
     lse = torch.full((a.num_heads, a.total_q), float("-inf"), dtype=torch.float32, device=dev)
-    chunks = plan_chunks(a.lens_q, a.lens_k)
+    chunks = plan_chunks(a.lens_q, a.lens_k,
+                         overhead=CALL_OVERHEAD_FLOPS / (2.0 * a.num_heads * (a.head_dim + a.head_dim_v)))
     if not chunks:
         if q.requires_grad or k.requires_grad or v.requires_grad:
             # keep the graph connected so backward gives zero gradients instead of an error
@@ -673,51 +687,67 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True):
         return out, lse
     fast = _sdpa_cpu_ok(q, a, need_lse_grad)
     group = a.num_heads // a.num_heads_k
-    outs, lses, rows = [], [], []
+    H, D, Dv = a.num_heads, a.head_dim, a.head_dim_v
     for seqs in chunks:
-        lq = torch.tensor([a.lens_q[b] for b in seqs], device=dev)
-        lk = torch.tensor([a.lens_k[b] for b in seqs], device=dev)
-        sq = torch.tensor([a.cu_q[b] for b in seqs], device=dev)
-        sk = torch.tensor([a.cu_k[b] for b in seqs], device=dev)
-        Lq, Lk = int(lq.max()), int(lk.max())
+        n = len(seqs)
+        lq_list = [a.lens_q[b] for b in seqs]
+        lk_list = [a.lens_k[b] for b in seqs]
+        Lq, Lk = max(lq_list), max(lk_list)
+        uniform = min(lq_list) == Lq and min(lk_list) == Lk
         ar_q = torch.arange(Lq, device=dev)
         ar_k = torch.arange(Lk, device=dev)
-        qvalid = ar_q[None] < lq[:, None]                     # (n, Lq)
-        kvalid = ar_k[None] < lk[:, None]                     # (n, Lk)
-        qidx = torch.where(qvalid, sq[:, None] + ar_q[None], 0)
-        kidx = torch.where(kvalid, sk[:, None] + ar_k[None], 0)
-        n = len(seqs)
-        # (n, L, heads, dim); padded rows hold row 0 (index_select: much cheaper than advanced indexing)
-        qc = q.index_select(0, qidx.reshape(-1)).reshape(n, Lq, a.num_heads, a.head_dim)
-        kc = k.index_select(0, kidx.reshape(-1)).reshape(n, Lk, a.num_heads_k, a.head_dim)
-        vc = v.index_select(0, kidx.reshape(-1)).reshape(n, Lk, a.num_heads_k, a.head_dim_v)
+        sq = torch.tensor([a.cu_q[b] for b in seqs], device=dev)
+        sk = torch.tensor([a.cu_k[b] for b in seqs], device=dev)
+        qidx = (sq[:, None] + ar_q[None]).reshape(-1)
+        kidx = (sk[:, None] + ar_k[None]).reshape(-1)
+        if uniform:
+            qvalid = kvalid = None
+        else:
+            qvalid = ar_q[None] < torch.tensor(lq_list, device=dev)[:, None]   # (n, Lq)
+            kvalid = ar_k[None] < torch.tensor(lk_list, device=dev)[:, None]   # (n, Lk)
+            qidx = torch.where(qvalid.reshape(-1), qidx, 0)                    # padded rows read row 0
+            kidx = torch.where(kvalid.reshape(-1), kidx, 0)
+        # (n, L, heads, dim) (index_select: much cheaper than advanced indexing)
+        qc = q.index_select(0, qidx).reshape(n, Lq, H, D)
+        kc = k.index_select(0, kidx).reshape(n, Lk, a.num_heads_k, D)
+        vc = v.index_select(0, kidx).reshape(n, Lk, a.num_heads_k, Dv)
         if fast:
-            allowed = kvalid[:, None, None, :]                # (n, 1, 1, Lk)
-            if a.causal:                                      # bottom-right: j <= i + Lk - Lq
-                allowed = allowed & (ar_k[None, :] <= ar_q[:, None] + (Lk - Lq))[None, None]
-            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+            bias, is_causal = None, False
+            if a.causal and uniform and Lq == Lk:
+                is_causal = True                              # top-left == bottom-right here
+            elif not uniform or a.causal:
+                allowed = torch.ones((n, 1, 1, Lk), dtype=torch.bool, device=dev) if uniform else \
+                    kvalid[:, None, None, :]
+                if a.causal:                                  # bottom-right: j <= i + Lk - Lq
+                    allowed = allowed & (ar_k[None, :] <= ar_q[:, None] + (Lk - Lq))[None, None]
+                bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
             if group > 1:
                 kc, vc = kc.repeat_interleave(group, dim=2), vc.repeat_interleave(group, dim=2)
             oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), 0.0, False, attn_mask=bias,
+                qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), 0.0, is_causal, attn_mask=bias,
                 scale=a.softmax_scale)
             oc = oc.transpose(1, 2)
         else:
-            pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx, kvalid), batch_size=len(seqs),
-                                num_heads=a.num_heads, seqlen_q=Lq, seqlen_k=Lk, head_dim=a.head_dim,
+            pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx.reshape(n, Lk),
+                                                torch.ones((n, Lk), dtype=torch.bool, device=dev)
+                                                if kvalid is None else kvalid),
+                                batch_size=n, num_heads=H, seqlen_q=Lq, seqlen_k=Lk, head_dim=D,
                                 offset=Lk - Lq, device=dev)
-            oc, lc = _attn.fused_attention(qc, kc, vc, attn_mask=kvalid[:, None, None, :],
+            oc, lc = _attn.fused_attention(qc, kc, vc, attn_mask=None if uniform else kvalid[:, None, None, :],
                                            softmax_scale=a.softmax_scale, causal=a.causal, offset=Lk - Lq,
                                            window_left=a.window_left, window_right=a.window_right,
                                            softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
                                            deterministic=a.deterministic, backend="torch")
-        sel = qvalid.reshape(-1).nonzero().flatten()
-        outs.append(oc.reshape(-1, a.num_heads, a.head_dim_v).index_select(0, sel))
-        lses.append(lc.permute(1, 0, 2).reshape(a.num_heads, -1).index_select(1, sel))
-        rows.append(qidx.reshape(-1).index_select(0, sel))
-    rows = torch.cat(rows)
-    out = out.index_copy(0, rows, torch.cat(outs).to(q.dtype))
-    lse = lse.index_copy(1, rows, torch.cat(lses, dim=1).to(torch.float32))
+        oc = oc.reshape(n * Lq, H, Dv)
+        lc = lc.permute(1, 0, 2).reshape(H, n * Lq) if need_lse else None
+        rows = qidx
+        if not uniform:
+            sel = qvalid.reshape(-1).nonzero().flatten()
+            oc, rows = oc.index_select(0, sel), qidx.index_select(0, sel)
+            lc = lc.index_select(1, sel) if need_lse else None
+        out = out.index_copy_(0, rows, oc.to(q.dtype))
+        if need_lse:
+            lse.index_copy_(1, rows, lc.detach().to(torch.float32) if not need_lse_grad else lc.to(torch.float32))
     return out, lse
 
 
