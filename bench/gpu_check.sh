@@ -1,38 +1,86 @@
 #!/usr/bin/env bash
 # One command for a lent GPU: build posattn._C, run the gpu-marked tests, measure the ceilings
-# (device copy bandwidth, bf16 matmul rate), run the benchmark suite at sizes that fill the chip,
-# and write the CSV, a markdown table and logs to $OUT (or the folder given as the first argument).
+# (device copy bandwidth, bf16 matmul rate), run the benchmark suites at sizes that fill the chip,
+# and write the CSV, markdown tables, a plot and logs to $OUT (or the folder given as an argument).
 #
-#   bash bench/gpu_check.sh [OUT_DIR] [--dry-run]
+#   bash bench/gpu_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS] [--no-build] [--no-tests]
 #
-# Budget: build ~2-4 min, tests ~1-2 min, ceilings ~10 s, benchmarks under 8 minutes in all
-# (each stage has its own timeout so one slow stage cannot eat the others).
+# Everything runs under one deadline (--budget, default 480 s = 8 minutes): each stage gets at most
+# its own cap and never more than what is left, and the benchmark stages pass the time left to
+# `python -m posattn bench --max-seconds`, which lists rows it had no time for as "skipped" (the
+# table still comes out). --dry-run prints every stage with its cap and the benchmark rows it would
+# run (`--list`, no device touched), and runs nothing.
+#
+# Outputs in OUT_DIR: env.log, build.log, gpu_tests.log, ceilings.json, bench.csv (all rows, with
+# device, versions and git sha), models.md, flash.md, flash.png, gpu_results.md (the README section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
+BUILD=1
+TESTS=1
+BUDGET=480
 OUT_DIR="${OUT:-bench/results}"
-for a in "$@"; do
-  case "$a" in
+while [ $# -gt 0 ]; do
+  case "$1" in
     --dry-run) DRY=1 ;;
-    *) OUT_DIR="$a" ;;
+    --no-build) BUILD=0 ;;
+    --no-tests) TESTS=0 ;;
+    --budget) BUDGET="$2"; shift ;;
+    *) OUT_DIR="$1" ;;
   esac
+  shift
 done
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
 
-run() {  # run <timeout_s> <log name> <command...>
-  local t=$1 name=$2; shift 2
-  echo "== $name (timeout ${t}s): $*"
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+
+run() {  # run <cap_s> <log name> <command...>: at most cap_s, never past the deadline
+  local cap=$1 name=$2; shift 2
+  local t; t=$(left)
+  [ "$t" -gt "$cap" ] && t=$cap
+  echo "== $name (cap ${cap}s, ${t}s given): $*"
   if [ "$DRY" = 1 ]; then return 0; fi
+  if [ "$t" -le 5 ]; then echo "== $name: skipped, no time left"; return 0; fi
   timeout "$t" "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "== $name: exit $rc"
+  echo "== $name: exit ${PIPESTATUS[0]} after $(( $(date +%s) - START ))s in all"
   return 0
 }
 
-run 60  env        bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch,triton;print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
-run 420 install    python -m pip install -q --no-deps --no-build-isolation -e .   # the GPU machine reaches no registry
-run 300 gpu_tests  python -m pytest -q -m gpu -x --no-header -p no:cacheprovider
-run 120 ceilings   python bench/ceilings.py --out "$OUT_DIR/ceilings.json"
-run 480 bench      python -m posattn bench --size gpu --save "$OUT_DIR/bench.csv" --markdown "$OUT_DIR/bench.md"
-echo "results in $OUT_DIR"
+# benchmark rows: models at GPU size (every provider, fwd + fwd_bwd), then FlashAttention's shape sweep
+# (fwd + fwd_bwd; FlexAttention left out of the sweep: it compiles once per shape and mode)
+MODELS=(python -m posattn bench --size gpu --suite models --save "$OUT_DIR/bench.csv" --markdown "$OUT_DIR/models.md")
+FLASH=(python -m posattn bench --size gpu --suite flash --modes fwd,fwd_bwd
+       --providers posattn-triton,sdpa-flash,sdpa-cudnn,sdpa-efficient,flash_attn
+       --save "$OUT_DIR/bench.csv" --markdown "$OUT_DIR/flash.md" --plot "$OUT_DIR/flash.png")
+
+run 20  env bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python -c "import torch,triton;print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"'
+if [ "$BUILD" = 1 ]; then
+  # the GPU machine reaches no registry: no deps, no isolation; sm_90a only (the chip at hand) halves the build
+  run 240 build env POSATTN_CUDA_ARCHS="${POSATTN_CUDA_ARCHS:-90a}" \
+      python -m pip install -q --no-deps --no-build-isolation -e .
+fi
+[ "$TESTS" = 1 ] && run 120 gpu_tests python -m pytest -q -m gpu --no-header -p no:cacheprovider -x --maxfail=5
+run 30  ceilings python bench/ceilings.py --out "$OUT_DIR/ceilings.json"
+if [ "$DRY" = 1 ]; then
+  echo "== models rows:"; "${MODELS[@]}" --device cuda --list | sed 's/^/   /'
+  echo "== flash rows:";  "${FLASH[@]}" --device cuda --list | sed 's/^/   /'
+fi
+T=$(left); M=$(( (T - 20) / 2 )); [ "$M" -lt 0 ] && M=0
+run "$(( M + 15 ))" bench_models "${MODELS[@]}" --max-seconds "$M"
+T=$(left); F=$(( T - 15 )); [ "$F" -lt 0 ] && F=0
+run "$(( F + 15 ))" bench_flash "${FLASH[@]}" --max-seconds "$F"
+
+if [ "$DRY" = 0 ]; then
+  {
+    echo "## GPU results"
+    echo
+    head -n 1 "$OUT_DIR/models.md" 2>/dev/null
+    echo
+    [ -f "$OUT_DIR/ceilings.json" ] && echo "Ceilings (bench/ceilings.py): \`$(tr -d '\n ' < "$OUT_DIR/ceilings.json")\`" && echo
+    echo "### Model shapes"; echo; tail -n +2 "$OUT_DIR/models.md" 2>/dev/null; echo
+    echo "### FlashAttention's benchmark shapes"; echo; tail -n +2 "$OUT_DIR/flash.md" 2>/dev/null
+  } > "$OUT_DIR/gpu_results.md"
+fi
+echo "results in $OUT_DIR after $(( $(date +%s) - START ))s"

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="time budget: rows not started within it are listed as skipped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--list", action="store_true",
+                   help="print the rows that would run (op | shape | provider | mode) and exit; touches no device")
 
 
 def select(args, device, size, dtype) -> list:
@@ -80,9 +82,15 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     min_time = args.min_time if args.min_time is not None else (0.05 if size == "quick" else 0.3)
+    cases = select(args, device, size, dtype)
+    if args.list:
+        for c in cases:
+            print(f"{c.op} | {c.shape} | {c.provider} | {c.mode}")
+        print(f"{len(cases)} rows ({device.type}, size {size}, {dtype})")
+        return 0
     start = time.perf_counter()
     results = []
-    for case in select(args, device, size, dtype):
+    for case in cases:
         if isinstance(case, harness.Result):
             results.append(case)
             continue

@@ -61,7 +61,7 @@ def embed(tok, model, texts, device):
 
 
 def minilm_cases(size: str, device: torch.device) -> list[Case]:
-    n = {"quick": 32, "full": 128, "gpu": 1024}[size]
+    n = {"quick": 16, "full": 128, "gpu": 1024}[size]
     texts = sentences(n)
     state: dict = {}
 

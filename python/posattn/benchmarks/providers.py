@@ -333,8 +333,12 @@ def default_providers(device: torch.device) -> list[str]:
     return ["posattn-torch", "sdpa", "posattn-triton", "sdpa-flash", "flex_attention", "flash_attn"]
 
 
-def baseline_provider(device: torch.device) -> str:
-    return "sdpa-flash" if device.type == "cuda" else "sdpa"
+def baseline_provider(device: torch.device, pe: str = "none") -> str:
+    """The row ratios are taken against: torch SDPA (CUDA: its flash backend, or the memory-efficient
+    one for an additive bias, which the flash backend does not take)."""
+    if device.type != "cuda":
+        return "sdpa"
+    return "sdpa-efficient" if pe in ("alibi", "relative", "t5") else "sdpa-flash"
 
 
 def flash_shapes(size: str) -> list[tuple[int, int]]:
@@ -351,4 +355,20 @@ def flash_hidden(size: str) -> int:
 
 
 __all__ = ["DenseProblem", "MODES", "PROVIDERS", "forward_fn", "mode_fn", "dense_cases", "reference_check",
-           "default_providers", "baseline_provider", "flash_shapes", "flash_hidden"]
+           "default_providers", "baseline_provider", "flash_shapes", "flash_hidden", "setup_from_cfg"]
+
+
+def setup_from_cfg(cfg: dict):
+    """``setup(cfg) -> (fn, inputs)`` of one dense provider from plain values (for subprocess runs such
+    as ``harness.rss_peak_memory("posattn.benchmarks.providers:setup_from_cfg", cfg)``).
+
+    cfg keys: provider, mode ("fwd"), batch, heads, seqlen_q, seqlen_k, head_dim, causal (False),
+    pe ("none"), heads_k (None), dtype ("float32"), device ("cpu"), seed (0).
+    """
+    c = dict(mode="fwd", causal=False, pe="none", heads_k=None, dtype="float32", device="cpu", seed=0)
+    c.update(cfg)
+    p = DenseProblem(c["batch"], c["heads"], c["seqlen_q"], c["seqlen_k"], c["head_dim"], causal=c["causal"],
+                     pe=c["pe"], heads_k=c["heads_k"], dtype=getattr(torch, c["dtype"]),
+                     device=torch.device(c["device"]), seed=c["seed"])
+    q, k, v, pe = p.make()
+    return mode_fn(forward_fn(c["provider"], p, pe), q, k, v, c["mode"]), (q, k, v)
