@@ -50,47 +50,28 @@ _INT_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, to
 # unpad / pad
 # =============================================================================================
 
-def _cuda_module(t: torch.Tensor, name: str):
-    """posattn._C when ``t`` is on CUDA and the module has launcher ``name``; else None (torch path)."""
+def _use_cuda_kernels(t: torch.Tensor) -> bool:
+    """The CUDA C++ row/index kernels (posattn._cuda over posattn._C) run for CUDA tensors when built."""
     if t.device.type != "cuda":
-        return None
-    from .._backends import load_C
-    C = load_C()
-    return C if C is not None and hasattr(C, name) else None
+        return False
+    from .._backends import cuda_ext_available
+    return cuda_ext_available(t.device)
 
 
 def _gather_rows(src: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """dst[t] = src[indices[t]] for 2-D ``src`` (rows, width); no autograd."""
-    C = _cuda_module(src, "row_copy")
-    if C is None:
-        return src.index_select(0, indices)
-    dst = torch.empty((indices.numel(), src.shape[1]), dtype=src.dtype, device=src.device)
-    _row_copy(C, dst, src, indices, scatter=False)
-    return dst
+    if _use_cuda_kernels(src):
+        from .. import _cuda
+        return _cuda.gather_rows_cuda(src, indices)
+    return src.index_select(0, indices)
 
 
 def _scatter_rows(src: torch.Tensor, indices: torch.Tensor, rows: int) -> torch.Tensor:
     """dst = zeros(rows, width); dst[indices[t]] = src[t]; no autograd (indices are distinct)."""
-    dst = src.new_zeros((rows, src.shape[1]))
-    C = _cuda_module(src, "row_copy")
-    if C is None:
-        return dst.index_copy_(0, indices, src)
-    _row_copy(C, dst, src, indices, scatter=True)
-    return dst
-
-
-def _row_copy(C, dst, src, indices, *, scatter: bool):
-    """csrc/varlen.cu row_copy: whole rows by int64 indices (16-byte vectors when aligned)."""
-    src = src if src.stride(-1) == 1 else src.contiguous()
-    idx = indices.to(torch.int64).contiguous()
-    p = C.RowCopyParams()
-    p.src, p.dst, p.indices = src.data_ptr(), dst.data_ptr(), idx.data_ptr()
-    p.src_row_stride_bytes = src.stride(0) * src.element_size()
-    p.dst_row_stride_bytes = dst.stride(0) * dst.element_size()
-    p.row_bytes = src.shape[1] * src.element_size()
-    p.num_rows = idx.numel()
-    p.scatter = scatter
-    C.row_copy(p, torch.cuda.current_stream(src.device).cuda_stream)
+    if _use_cuda_kernels(src):
+        from .. import _cuda
+        return _cuda.scatter_rows_cuda(src, indices, num_rows=rows)
+    return src.new_zeros((rows, src.shape[1])).index_copy_(0, indices, src)
 
 
 class _IndexFirstAxis(torch.autograd.Function):
@@ -174,8 +155,8 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
     Notes
     -----
     On CUDA with ``posattn._C`` built, the index build (one CTA, ballot + popcount + prefix sum) and
-    the row gather are CUDA C++ kernels (``csrc/varlen.cu``; not yet run on a GPU); elsewhere torch
-    ops. Backward scatters the gradient into zeros.
+    the row gather are CUDA C++ kernels (``csrc/varlen.cu`` through ``posattn._cuda``; not yet run on a
+    GPU); elsewhere torch ops. Backward scatters the gradient into zeros.
 
     Examples
     --------
@@ -205,21 +186,10 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
 def _unpad_index(mask: torch.Tensor):
     """(indices int64 (total,), cu_seqlens int32 (batch+1,), seqlens int32 (batch,)) of a 0/1 mask."""
     batch, seqlen = mask.shape
-    C = _cuda_module(mask, "unpad_index")
-    if C is not None and batch > 0 and seqlen > 0:
-        m = mask if mask.dtype == torch.bool else mask != 0
-        m = m.view(torch.uint8)
-        seqlens = torch.empty(batch, dtype=torch.int32, device=mask.device)
-        cu = torch.empty(batch + 1, dtype=torch.int32, device=mask.device)
-        indices_all = torch.empty(batch * seqlen, dtype=torch.int64, device=mask.device)
-        p = C.UnpadIndexParams()
-        p.mask, p.seqlens, p.cu_seqlens, p.indices = m.data_ptr(), seqlens.data_ptr(), cu.data_ptr(), \
-            indices_all.data_ptr()
-        p.mask_stride_b, p.mask_stride_s = m.stride(0), m.stride(1)
-        p.batch_size, p.seqlen = batch, seqlen
-        C.unpad_index(p, torch.cuda.current_stream(mask.device).cuda_stream)
-        total = int(cu[-1])
-        return indices_all[:total], cu, seqlens
+    if _use_cuda_kernels(mask) and batch > 0 and seqlen > 0:
+        from .. import _cuda
+        indices, cu, seqlens, _, _ = _cuda.unpad_index_cuda(mask)
+        return indices, cu, seqlens
     seqlens = mask.sum(dim=-1, dtype=torch.int32)
     indices = torch.nonzero(mask.reshape(-1), as_tuple=False).flatten()
     cu = torch.zeros(batch + 1, dtype=torch.int32, device=mask.device)
@@ -688,6 +658,7 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
     fast = _sdpa_cpu_ok(q, a, need_lse_grad)
     group = a.num_heads // a.num_heads_k
     H, D, Dv = a.num_heads, a.head_dim, a.head_dim_v
+    outs, lses, rows_all = [], [], []
     for seqs in chunks:
         n = len(seqs)
         lq_list = [a.lens_q[b] for b in seqs]
@@ -745,9 +716,15 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
             sel = qvalid.reshape(-1).nonzero().flatten()
             oc, rows = oc.index_select(0, sel), qidx.index_select(0, sel)
             lc = lc.index_select(1, sel) if need_lse else None
-        out = out.index_copy_(0, rows, oc.to(q.dtype))
+        outs.append(oc)
+        rows_all.append(rows)
         if need_lse:
-            lse.index_copy_(1, rows, lc.detach().to(torch.float32) if not need_lse_grad else lc.to(torch.float32))
+            lses.append(lc if need_lse_grad else lc.detach())
+    # one scatter for all chunks (rows are disjoint): its backward is a single gather of dout
+    rows = torch.cat(rows_all)
+    out = out.index_copy(0, rows, torch.cat(outs).to(q.dtype))
+    if need_lse:
+        lse = lse.index_copy(1, rows, torch.cat(lses, dim=1).to(torch.float32))
     return out, lse
 
 
@@ -875,8 +852,6 @@ def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
     Forward only; fp16/bf16; head_dim 64 or 128 (head_dim_v == head_dim); ALiBi / RelativeBias /
     T5Bias; no rotary, URPE, window, softcap or dropout. Not yet run on a GPU.
     """
-    from .._backends import load_C
-
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise RuntimeError("backend='cuda': the CUDA C++ varlen kernel is forward-only; use backend='triton' "
                            "for training (or run under torch.no_grad())")
@@ -892,33 +867,16 @@ def _varlen_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args):
     if unsupported:
         raise ValueError(f"backend='cuda': the short-sequence kernel does not support {', '.join(unsupported)}; "
                          f"use backend='triton'")
+    from .. import _cuda
     pe = _varlen_kernel_pe(q, a)
-    C = load_C()
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = torch.empty((a.total_q, a.num_heads, a.head_dim_v), dtype=q.dtype, device=q.device)
-    lse = torch.empty((a.num_heads, a.total_q), dtype=torch.float32, device=q.device)
-    p = C.VarlenAttnParams()
-    p.q, p.k, p.v, p.out, p.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr()
-    p.cu_seqlens_q, p.cu_seqlens_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
-    p.q_stride_t, p.q_stride_h = q.stride(0), q.stride(1)
-    p.k_stride_t, p.k_stride_h = k.stride(0), k.stride(1)
-    p.v_stride_t, p.v_stride_h = v.stride(0), v.stride(1)
-    p.out_stride_t, p.out_stride_h = out.stride(0), out.stride(1)
-    p.lse_stride_h = lse.stride(0)
-    p.batch_size, p.num_heads, p.num_heads_k, p.head_dim = a.batch_size, a.num_heads, a.num_heads_k, a.head_dim
-    p.max_seqlen_q, p.max_seqlen_k = a.max_seqlen_q, a.max_seqlen_k
-    p.softmax_scale, p.causal = float(a.softmax_scale), bool(a.causal)
-    p.bias_mode = int(pe.bias_mode) if pe is not None else 0
+    bias_args = {}
     if pe is not None and pe.bias_mode == 1:
-        slopes = pe.alibi_slopes.contiguous()
-        p.alibi_slopes, p.alibi_stride_b = slopes.data_ptr(), slopes.stride(0)
-    if pe is not None and pe.bias_mode in (2, 3):
-        tab = pe.bias_table
-        p.bias_table, p.bias_stride_0, p.bias_stride_1 = tab.data_ptr(), tab.stride(0), tab.stride(1)
-        p.max_distance, p.num_buckets, p.bidirectional = int(pe.max_distance), int(pe.num_buckets), \
-            bool(pe.bidirectional)
-    p.dtype = dtype_name(q.dtype)
-    C.varlen_attention_fwd(p, torch.cuda.current_stream(q.device).cuda_stream)
+        bias_args = dict(bias_mode=1, alibi_slopes=pe.alibi_slopes)
+    elif pe is not None and pe.bias_mode in (2, 3):
+        bias_args = dict(bias_mode=int(pe.bias_mode), bias_table=pe.bias_table, max_distance=int(pe.max_distance),
+                    num_buckets=int(pe.num_buckets) or 32, bidirectional=bool(pe.bidirectional))
+    out, lse = _cuda.varlen_attention_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, a.max_seqlen_q, a.max_seqlen_k,
+                                               softmax_scale=a.softmax_scale, causal=a.causal, **bias_args)
     end = a.cu_q[-1]
     if end < a.total_q:
         out[end:] = 0
