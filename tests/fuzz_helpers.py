@@ -225,6 +225,8 @@ def position_spec(draw, *, batch, heads, seqlen_q, seqlen_k, head_dim, offset, g
     if rot == "rope":
         rdim = draw(st.sampled_from([None] + even_dims)) if head_dim % 2 == 0 else draw(st.sampled_from(even_dims))
         scaling = draw(st.sampled_from([None, "linear", "ntk", "dynamic", "llama3", "yarn"]))
+        if scaling in ("ntk", "dynamic") and (rdim or head_dim) <= 2:
+            scaling = None  # NTK's exponent r/(r-2) needs rotary_dim > 2 (a documented ValueError)
         sc = None
         if scaling == "linear" or scaling == "ntk":
             sc = {"type": scaling, "factor": draw(st.sampled_from([0.5, 2.0, 4.0]))}

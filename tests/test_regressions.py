@@ -29,3 +29,33 @@ def test_rope_position_ids_with_seqlen_k_zero():
         out = posattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), position=pos,
                                       backend="torch")
         assert out.shape == (batch, 0, 1, 8)
+
+
+def test_causally_hidden_nan_keys_leak_into_torch_backend():
+    # test_fuzz_sdpa_torch: seed=0, float32, batch=1, heads=(1, 1), seqlen_q=1, seqlen_k=15, head_dim=1,
+    # is_causal=True, poison_hidden_keys=nan
+    # Keys 1..14 are hidden from the only query (top-left causal) and hold NaN; the torch backend formed
+    # p @ v with p = 0 and v = NaN (0 * NaN = NaN) and dq = ds @ k likewise. Hidden data must never be read.
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 1, 4, generator=g)
+    k = torch.randn(1, 1, 15, 4, generator=g)
+    v = torch.randn(1, 1, 15, 4, generator=g)
+    ro, _ = R.attention(q, k, v, causal=True)
+    for fill in (float("nan"), float("inf")):
+        kp, vp = k.clone(), v.clone()
+        kp[:, :, 1:], vp[:, :, 1:] = fill, -fill
+        qa, ka, va = (t.clone().requires_grad_(True) for t in (q, kp, vp))
+        with poisoned_allocations():
+            out = posattn.scaled_dot_product_attention(qa, ka, va, is_causal=True, backend="torch")
+            dq, dk, dv = grads(out, [qa, ka, va], torch.ones_like(out))
+        check_close(out, ro, torch.float32)
+        assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        assert (dk[:, :, 1:] == 0).all() and (dv[:, :, 1:] == 0).all()
+    # the same through a bool key-padding mask (keys hidden from every query by the mask)
+    mask = torch.zeros(1, 1, 1, 15, dtype=torch.bool)
+    mask[..., :3] = True
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, 3:], vp[:, :, 3:] = float("nan"), float("inf")
+    ro, _ = R.attention(q, k, v, attn_mask=mask)
+    out = posattn.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, backend="torch")
+    check_close(out, ro, torch.float32)

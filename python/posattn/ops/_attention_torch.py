@@ -117,6 +117,10 @@ def _chunk_forward(i0, i1, qc, k_all, v_all, attn_mask, inv_freq, position_ids, 
     iq = torch.arange(i0, i1, device=device, dtype=torch.int64) + offset   # query rows' key index
     ik = torch.arange(seqlen_k, device=device, dtype=torch.int64)
     pq, pk = iq[None], ik[None]
+    dead = _dead_keys(o, iq, ik, attn_mask, i0, i1)
+    if dead is not None:  # never read a key no query of the chunk sees: NaN/inf there must not leak (0 * NaN)
+        k = k.masked_fill(dead[..., None], 0)
+        v = v.masked_fill(dead[..., None], 0)
     if o["rotary_mode"]:
         cq, sq = _rotary_cos_sin(o, inv_freq, position_ids, phases, iq, acc, True, i0 + offset)
         ck, sk = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, i0 + offset)
@@ -156,6 +160,29 @@ def _chunk_forward(i0, i1, qc, k_all, v_all, attn_mask, inv_freq, position_ids, 
     out = torch.matmul(p, v) / l_safe
     lse = torch.where(live, mx + torch.log(l_safe), torch.full_like(l, float("-inf"))).squeeze(-1)
     return out.permute(0, 2, 1, 3), lse
+
+
+def _dead_keys(o, iq, ik, attn_mask, i0, i1):
+    """(B|1, H|1, Sk) bool: keys hidden from every query row of the chunk by causal/window/mask, or None.
+
+    Their k and v rows are zeroed before any product: a masked logit is -inf and its probability 0, but a
+    matmul still forms 0 * NaN = NaN from a NaN/inf key or value (padding, stale cache slots), in the output
+    and in dq/d tables. Zeroing keeps results and gradients independent of data the op never uses."""
+    rel = ik[None, :] - iq[:, None]            # (n, Sk): pk - pq
+    vis = torch.ones(rel.shape, dtype=torch.bool, device=rel.device)
+    right = 0 if o["causal"] else o["window_right"]
+    if right >= 0:
+        vis &= rel <= right
+    if o["window_left"] >= 0:
+        vis &= rel >= -o["window_left"]
+    vis = vis[None, None]
+    if attn_mask is not None:
+        m = attn_mask[:, :, i0:i1] if attn_mask.shape[2] != 1 else attn_mask
+        vis = vis & (m if m.dtype == torch.bool else ~torch.isneginf(m.detach()))
+    if vis.shape[2] == 0:
+        return None
+    dead = ~vis.any(dim=2)
+    return dead if bool(dead.any()) else None
 
 
 def dropout_keep(p: float, seed: int, i0: int, shape, device, acc) -> torch.Tensor:
