@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .positional import (additive_bias, relative_index, rotary_cols, rotary_cos_sin, rotary_dphase, rotate_pairs,
-                         toeplitz_accumulate, urpe_coef)
+from .positional import (additive_bias, rotary_cos_sin, rotary_dphase, rotary_pair_cols, rotate, toeplitz_accumulate,
+                         urpe_coef)
 
 __all__ = ["fused_attention_fwd", "fused_attention_bwd", "dropout_keep_mask", "FWD_CONFIGS", "BWD_CONFIGS",
            "config_for"]
@@ -42,10 +42,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 # "unbounded" window side; int32-safe and larger than any sequence the kernels index
 _UNBOUNDED = tl.constexpr(1 << 30)
 
-# Launch configs per head_dim bucket (the padded max(head_dim, head_dim_v) rounds up to a key).
-# FlashAttention-2's Triton defaults: BLOCK_N 64 while head_dim <= 64, 32 above so that
-# q/acc (BLOCK_M x d) plus the k/v tiles fit the register file at 4-8 warps. Another engineer
-# AOT-compiles these for sm_80 / sm_90 to read registers and spills (not yet run on a GPU).
+# Launch configs per head_dim bucket (the padded max(head_dim, head_dim_v) rounds up to a key) and
+# per kind of encoding (``_config_kind``): an entry ``(bucket, kind)`` overrides ``bucket`` for
+# "rotary" (RoPE / xPos / learned phases: cos / sin and the rotated tiles are live next to the
+# softmax state), "table" (RelativeBias / T5 / URPE: per-element table gathers, and in the
+# backward the Toeplitz table-gradient reduction) and "rotary+table".
+# Chosen with ``python -m posattn report`` (AOT compile for sm_80 / sm_90, no GPU): every entry
+# compiles without register spills (no LDL/STL), within shared memory, with HMMA / HGMMA. Not yet
+# run on a GPU, so not tuned for speed.
 FWD_CONFIGS = {
     64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
@@ -58,14 +62,18 @@ BWD_CONFIGS = {
     128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
     256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
 }
+CONFIG_KINDS = ("plain", "rotary", "table", "rotary+table")
 
 
-def config_for(configs: dict, head_dim: int) -> dict:
-    """The config of the smallest bucket >= head_dim (head_dim <= 256)."""
-    for bucket in sorted(configs):
+def config_for(configs: dict, head_dim: int, kind: str = "plain") -> dict:
+    """The config of the smallest bucket >= head_dim (head_dim <= 256) for ``kind`` (CONFIG_KINDS)."""
+    if kind not in CONFIG_KINDS:
+        raise ValueError(f"kind: expected one of {CONFIG_KINDS}, got {kind!r}")
+    buckets = sorted(b for b in configs if isinstance(b, int))
+    for bucket in buckets:
         if head_dim <= bucket:
-            return dict(configs[bucket])
-    raise ValueError(f"head_dim: expected <= {max(configs)}, got {head_dim}")
+            return dict(configs.get((bucket, kind), configs[bucket]))
+    raise ValueError(f"head_dim: expected <= {buckets[-1]}, got {head_dim}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -83,6 +91,71 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
     else:
         out = tl.dot(a, b, input_precision=DOT_PRECISION)
     return out
+
+
+@triton.jit
+def _dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` as one tl.dot with an accumulator (an MMA chain: on sm_90 the wgmma
+    accumulates in place instead of a second fp32 tile plus an add). Precision as ``_dot``."""
+    if DOT_PRECISION == "upcast":
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return out
+
+
+@triton.jit
+def _head_cols(rotary_half, HEAD_DIM: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Memory columns of the q / k / dq / dk tiles.
+
+    Rotary modes: two half tiles, ``(col_a, col_b)`` int32 [HEAD_DIM / 2] from
+    ``positional.rotary_pair_cols``. Otherwise one full tile: ``col_a = arange(HEAD_DIM)`` and
+    ``col_b`` the same (unused).
+    """
+    if ROTARY_MODE != 0:
+        col_a, col_b = rotary_pair_cols(tl.arange(0, HEAD_DIM // 2), rotary_half, INTERLEAVED)
+    else:
+        col_a = tl.arange(0, HEAD_DIM)
+        col_b = col_a
+    return col_a, col_b
+
+
+@triton.jit
+def _load_tiles(ROWS, row_ok, col_a, col_b, head_dim, ROTARY_MODE: tl.constexpr):
+    """``(x_a, x_b)`` = the rows ``ROWS`` (pointers [BLOCK], one per row) at columns col_a / col_b;
+    zero outside ``row_ok`` and past head_dim. Without rotary x_b is x_a (one load)."""
+    xa = tl.load(ROWS[:, None] + col_a[None, :], mask=row_ok[:, None] & (col_a < head_dim)[None, :], other=0.0)
+    if ROTARY_MODE != 0:
+        xb = tl.load(ROWS[:, None] + col_b[None, :], mask=row_ok[:, None] & (col_b < head_dim)[None, :],
+                     other=0.0)
+    else:
+        xb = xa
+    return xa, xb
+
+
+@triton.jit
+def _store_tiles(ROWS, row_ok, col_a, col_b, head_dim, xa, xb, ROTARY_MODE: tl.constexpr):
+    """Inverse of ``_load_tiles`` (casts to the pointer's dtype)."""
+    ty = ROWS.dtype.element_ty
+    tl.store(ROWS[:, None] + col_a[None, :], xa.to(ty), mask=row_ok[:, None] & (col_a < head_dim)[None, :])
+    if ROTARY_MODE != 0:
+        tl.store(ROWS[:, None] + col_b[None, :], xb.to(ty), mask=row_ok[:, None] & (col_b < head_dim)[None, :])
+
+
+@triton.jit
+def _qk(qa, qb, ka, kb, DOT_PRECISION: tl.constexpr, ROTARY_MODE: tl.constexpr):
+    """``q . k^T`` [BLOCK_M, BLOCK_N] fp32: one dot, or ``q_a k_a^T + q_b k_b^T`` on half tiles."""
+    qk = _dot(qa, tl.trans(ka), DOT_PRECISION)
+    if ROTARY_MODE != 0:
+        qk = _dot_acc(qb, tl.trans(kb), qk, DOT_PRECISION)
+    return qk
+
+
+@triton.jit
+def _rotated(xa, xb, c, s, dtype: tl.constexpr):
+    """Half tiles rotated in fp32 by (c, s) and cast back to the operand dtype for the dots."""
+    ya, yb = rotate(xa.to(tl.float32), xb.to(tl.float32), c, s)
+    return ya.to(dtype), yb.to(dtype)
 
 
 @triton.jit
@@ -113,10 +186,11 @@ def _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k, 
 
 
 @triton.jit
-def _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+def _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off_h,
                             qk_scale2, softcap_scale, softcap2, window_left, window_right,
                             MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                             slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_MODE: tl.constexpr,
                             BIAS_MODE: tl.constexpr):
     """Logits of one [BLOCK_M, BLOCK_N] block in log2 units, -inf where not visible.
@@ -125,7 +199,9 @@ def _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
     ``qk_scale2 = softmax_scale * log2(e)``: log2(e) is folded into the scale so the softmax runs
     on exp2. With softcap: ``softcap * tanh(scale qk / softcap)``, with ``softcap2 = softcap *
     log2(e)`` and ``softcap_scale = softmax_scale / softcap``. Also returns ``th`` (the tanh, for the
-    softcap backward; qk when off) and ``rel = j - (i + off)``.
+    softcap backward; qk when off) and ``rel = j - (i + off)`` (int32: ``rel_base`` is
+    ``start_n - start_m - off`` of the block, so the per-element distance never needs 64-bit
+    registers; positions are < 2**30).
     """
     if SOFTCAP:
         # tanh(x) = 1 - 2 / (exp(2x) + 1): exact limits +-1 when exp over/underflows
@@ -134,8 +210,8 @@ def _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
     else:
         th = qk
         s = qk * qk_scale2
-    rel = offs_n[None, :] - (offs_m[:, None] + off)
-    keep = (offs_m[:, None] < sq) & (offs_n[None, :] < sk)
+    rel = rel_base + (tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None])
+    keep = m_ok[:, None] & n_ok[None, :]
     if BIAS_MODE != 0:
         s += additive_bias(rel, slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance, BIAS_MODE) * LOG2E
     if MASK_MODE != 0:
@@ -191,7 +267,7 @@ def _fused_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
     BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     # Shapes (dense / varlen):
     #   Q   (batch, seqlen_q, num_heads, head_dim)     / (total_q, num_heads, head_dim)     stride_qb = 0 varlen
@@ -199,7 +275,9 @@ def _fused_attention_fwd_kernel(
     #   V   (batch, seqlen_k, num_heads_k, head_dim_v) / (total_k, num_heads_k, head_dim_v)
     #   O   like Q with head_dim_v;  LSE fp32 (batch, num_heads, seqlen_q) / (num_heads, total_q), natural log
     #   last-dim stride 1 everywhere. Grid: (cdiv(max seqlen_q, BLOCK_M), batch * num_heads).
+    # Rotary modes hold q and k as half tiles [BLOCK, HEAD_DIM / 2] (positional.rotary_pair_cols).
     tl.static_assert(HEAD_DIM >= 16, "HEAD_DIM (padded head_dim) must be >= 16")
+    tl.static_assert(ROTARY_MODE == 0 or HEAD_DIM >= 32, "rotary half tiles need HEAD_DIM >= 32 (tl.dot K >= 16)")
     tl.static_assert(HEAD_DIM_V >= 16, "HEAD_DIM_V (padded head_dim_v) must be >= 16")
     tl.static_assert(BIAS_MODE >= 0 and BIAS_MODE <= 3, "BIAS_MODE: 0 none, 1 ALiBi, 2 RelativeBias, 3 T5")
     tl.static_assert(ROTARY_MODE >= 0 and ROTARY_MODE <= 3, "ROTARY_MODE: 0 none, 1 RoPE, 2 xPos, 3 phases")
@@ -215,18 +293,13 @@ def _fused_attention_fwd_kernel(
     dtype = Q.dtype.element_ty
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_c = tl.arange(0, HEAD_DIM)
-    if ROTARY_MODE != 0:
-        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
-    else:
-        cols = offs_c
-    d_ok = cols < head_dim
+    col_a, col_b = _head_cols(rotary_half, HEAD_DIM, ROTARY_MODE, INTERLEAVED)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     dv_ok = offs_dv < head_dim_v
     m_ok = offs_m < sq
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m)[:, None] * stride_qm + cols[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    qa, qb = _load_tiles(Q + off_b * stride_qb + off_h * stride_qh + (q_start + offs_m) * stride_qm, m_ok,
+                         col_a, col_b, head_dim, ROTARY_MODE)
     K_bh = K + off_b * stride_kb + off_hk * stride_kh + k_start * stride_kn
     V_bh = V + off_b * stride_vb + off_hk * stride_vh + k_start * stride_vn
     PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
@@ -239,8 +312,9 @@ def _fused_attention_fwd_kernel(
             # xPos centre per query block: the largest query position, so causal key factors stay <= 1
             xpos_center = tl.max(tl.where(m_ok, pos_q, -_UNBOUNDED), 0)
         cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
-                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2)
-        q = rotate_pairs(q.to(tl.float32), cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
+                                 FAST_TRIG)
+        qa, qb = _rotated(qa, qb, cq, sq_, dtype)
 
     slope = 0.0
     if BIAS_MODE == 1:
@@ -262,19 +336,19 @@ def _fused_attention_fwd_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sk
-        k = tl.load(K_bh + offs_n[:, None] * stride_kn + cols[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
         if ROTARY_MODE != 0:
             pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
             ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
                                      rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
-                                     HEAD_DIM // 2)
-            k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
-        qk = _dot(q, tl.trans(k), DOT_PRECISION)
-        s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
-                                             qk_scale2, softcap_scale, softcap2, window_left, window_right,
-                                             MASK, stride_mb, stride_mh, stride_mm, stride_mn,
+                                     HEAD_DIM // 2, FAST_TRIG)
+            ka, kb = _rotated(ka, kb, ck, sk_, dtype)
+        qk = _qk(qa, qb, ka, kb, DOT_PRECISION, ROTARY_MODE)
+        s, th, rel = _fused_attention_logits(qk, m_ok, n_ok, (start_n - start_m - off).to(tl.int32), offs_m, offs_n,
+                                             off_b, off_h, qk_scale2, softcap_scale, softcap2, window_left,
+                                             window_right, MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                                              slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
-                                             SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+                                             BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no visible key yet keeps m = -inf: subtract 0 instead (never -inf - (-inf))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -288,7 +362,7 @@ def _fused_attention_fwd_kernel(
             p = tl.where(_dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p), p * dropout_scale, 0.0)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
                     other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+        acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
 
     live = l_i > 0.0
@@ -348,13 +422,16 @@ def _fused_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
     BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
 ):
     # One program per (key block, batch, kv head): dk, dv of BLOCK_N keys, summed over the query
     # heads of the GQA group (the loop over g) and over the query blocks that see these keys.
-    # Rotary: dk_t is the gradient w.r.t. the rotated key of head g; it is rotated back per head
-    # (learned phases differ per query head) and, for learned phases, its angle gradient written to
+    # Rotary: (dka, dkb) is first the gradient w.r.t. the rotated key (half tiles). RoPE / xPos
+    # rotate k the same way for every head of the group, so the rotated k is made once and the
+    # summed gradient rotated back once at the end; learned phases differ per query head, so
+    # there each head's gradient is rotated back on its own and its angle gradient written to
     # DPHASES_K[b, h, j] (one writer per element). Grid: (cdiv(max seqlen_k, BLOCK_N), batch * num_heads_k).
+    tl.static_assert(ROTARY_MODE == 0 or HEAD_DIM >= 32, "rotary half tiles need HEAD_DIM >= 32 (tl.dot K >= 16)")
     start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // num_heads_k
@@ -366,28 +443,33 @@ def _fused_attention_bwd_dkdv_kernel(
     dtype = Q.dtype.element_ty
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < sk
-    offs_c = tl.arange(0, HEAD_DIM)
-    if ROTARY_MODE != 0:
-        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
-    else:
-        cols = offs_c
-    d_ok = cols < head_dim
+    col_a, col_b = _head_cols(rotary_half, HEAD_DIM, ROTARY_MODE, INTERLEAVED)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     dv_ok = offs_dv < head_dim_v
 
-    k = tl.load(K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n)[:, None] * stride_kn + cols[None, :],
-                mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    K_rows = K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n) * stride_kn
+    ka, kb = _load_tiles(K_rows, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n)[:, None] * stride_vn
                 + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
+    dka = tl.zeros(ka.shape, dtype=tl.float32)
+    dkb = dka
+    if ROTARY_MODE != 0:
+        dkb = tl.zeros(kb.shape, dtype=tl.float32)
     POS_IDS_B = POS_IDS + off_b * stride_pb
     xpos_center = 0
+    pos_k = offs_n
     if ROTARY_MODE != 0:
         pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
         if ROTARY_MODE == 2:
             # xPos centre per key block here (any common centre cancels): the smallest key position
             xpos_center = tl.min(tl.where(n_ok, pos_k, _UNBOUNDED), 0)
+    kta = ka
+    ktb = kb
+    if ROTARY_MODE == 1 or ROTARY_MODE == 2:
+        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
+        kta, ktb = _rotated(ka, kb, ck, sk_, dtype)
 
     # query blocks that see these keys: key j visible to i iff j - off - right <= i <= j - off + left
     lo = sq * 0
@@ -399,31 +481,34 @@ def _fused_attention_bwd_dkdv_kernel(
     for g in range(0, group):
         off_h = off_hk * group + g
         PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
-        if ROTARY_MODE != 0:
-            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
-                                     head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2)
-            kt = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
-        else:
-            kt = k
+        ga = dka
+        gb = dkb
+        if ROTARY_MODE == 3:
+            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
+                                     rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
+                                     HEAD_DIM // 2, FAST_TRIG)
+            kta, ktb = _rotated(ka, kb, ck, sk_, dtype)
+            # this head's gradient w.r.t. its rotated key
+            ga = tl.zeros(ka.shape, dtype=tl.float32)
+            gb = tl.zeros(kb.shape, dtype=tl.float32)
         slope = 0.0
         if BIAS_MODE == 1:
             slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
         TABLE_H = BIAS_TABLE + off_h * stride_th
         URPE_H = URPE_TABLE + off_h * stride_uh
-        dkt = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < sq
             rows_q = (q_start + offs_m)
-            q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_q[:, None] * stride_qm + cols[None, :],
-                        mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            qa, qb = _load_tiles(Q + off_b * stride_qb + off_h * stride_qh + rows_q * stride_qm, m_ok, col_a, col_b,
+                                 head_dim, ROTARY_MODE)
             if ROTARY_MODE != 0:
                 tok_q = offs_m + off
                 pos_q = _rotary_positions(POS_IDS_B, tok_q, m_ok, HAS_POS_IDS)
                 cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
                                          rotary_scale, head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE,
-                                         HEAD_DIM // 2)
-                q = rotate_pairs(q.to(tl.float32), cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+                                         HEAD_DIM // 2, FAST_TRIG)
+                qa, qb = _rotated(qa, qb, cq, sq_, dtype)
             do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_q[:, None] * stride_dom + offs_dv[None, :],
                          mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
             lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok,
@@ -431,12 +516,12 @@ def _fused_attention_bwd_dkdv_kernel(
             # fully masked rows have lse -inf: use +inf so their (all -inf) logits give p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=0.0)
-            qk = _dot(q, tl.trans(kt), DOT_PRECISION)
-            s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
-                                                 qk_scale2, softcap_scale, softcap2, window_left, window_right,
-                                                 MASK, stride_mb, stride_mh, stride_mm, stride_mn,
-                                                 slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
-                                                 SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+            qk = _qk(qa, qb, kta, ktb, DOT_PRECISION, ROTARY_MODE)
+            s, th, rel = _fused_attention_logits(qk, m_ok, n_ok, (start_n - start_m - off).to(tl.int32), offs_m,
+                                                 offs_n, off_b, off_h, qk_scale2, softcap_scale, softcap2,
+                                                 window_left, window_right, MASK, stride_mb, stride_mh, stride_mm,
+                                                 stride_mn, slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
+                                                 BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
             p = tl.exp2(s - lse2[:, None])
             dp = _dot(do, tl.trans(v), DOT_PRECISION)
             pv = p
@@ -449,23 +534,33 @@ def _fused_attention_bwd_dkdv_kernel(
                                      rng_rows, rng_cols, dropout_p)
                 pv = tl.where(keep, pv * dropout_scale, 0.0)
                 dp = tl.where(keep, dp * dropout_scale, 0.0)
-            dv += _dot(tl.trans(pv.to(dtype)), do, DOT_PRECISION)
+            dv = _dot_acc(tl.trans(pv.to(dtype)), do, dv, DOT_PRECISION)
             ds = p * (dp - delta[:, None])
             if SOFTCAP:
                 ds = ds * (1.0 - th * th)
-            dkt += _dot(tl.trans((ds * sm_scale).to(dtype)), q, DOT_PRECISION)
-        if ROTARY_MODE != 0:
-            dk += rotate_pairs(dkt, ck, -sk_, BLOCK_N, HEAD_DIM)
-            if ROTARY_MODE == 3:
-                dph = rotary_dphase(k.to(tl.float32), dkt, ck, sk_, BLOCK_N, HEAD_DIM)
-                pair = tl.arange(0, HEAD_DIM // 2)
-                tl.store(DPHASES_K + off_b * stride_phb + off_h * stride_phh + offs_n[:, None] * stride_pht
-                         + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
+            dst = tl.trans((ds * sm_scale).to(dtype))
+            ga = _dot_acc(dst, qa, ga, DOT_PRECISION)
+            if ROTARY_MODE != 0:
+                gb = _dot_acc(dst, qb, gb, DOT_PRECISION)
+        if ROTARY_MODE == 3:
+            ra, rb = rotate(ga, gb, ck, -sk_)
+            dka += ra
+            dkb += rb
+            dph = rotary_dphase(ka.to(tl.float32), kb.to(tl.float32), ga, gb, ck, sk_)
+            pair = tl.arange(0, HEAD_DIM // 2)
+            tl.store(DPHASES_K + off_b * stride_phb + off_h * stride_phh + offs_n[:, None] * stride_pht
+                     + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
         else:
-            dk += dkt
+            dka = ga
+            dkb = gb
 
-    tl.store(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n)[:, None] * stride_dkn + cols[None, :],
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    if ROTARY_MODE == 1 or ROTARY_MODE == 2:
+        # recomputed rather than kept live across the loops (registers)
+        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
+        dka, dkb = rotate(dka, dkb, ck, -sk_)
+    _store_tiles(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n) * stride_dkn, n_ok, col_a, col_b,
+                 head_dim, dka, dkb, ROTARY_MODE)
     tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvn
              + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
@@ -486,7 +581,7 @@ def _fused_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
     BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
-    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
     NEED_DBIAS: tl.constexpr, NEED_DURPE: tl.constexpr, DIAG: tl.constexpr,
     BIAS_TABLE_BLOCK: tl.constexpr, URPE_TABLE_BLOCK: tl.constexpr,
 ):
@@ -495,7 +590,10 @@ def _fused_attention_bwd_dq_kernel(
     # gradients (d bias per clamped relative distance, d URPE coefficient), written once to its own
     # row of DBIAS_PART / DURPE_PART (num_m_blocks, batch * num_heads, TABLE_BLOCK) and summed by
     # the launcher: deterministic, O(table x programs) memory, never seqlen_q x seqlen_k.
+    # Rotary: (dqa, dqb) accumulate the gradient w.r.t. the rotated q (half tiles), rotated back
+    # after the loop with cos / sin recomputed there (not kept live across it).
     # Grid: (cdiv(max seqlen_q, BLOCK_M), batch * num_heads).
+    tl.static_assert(ROTARY_MODE == 0 or HEAD_DIM >= 32, "rotary half tiles need HEAD_DIM >= 32 (tl.dot K >= 16)")
     pid_m = tl.program_id(0).to(tl.int64)
     start_m = pid_m * BLOCK_M
     off_bh = tl.program_id(1).to(tl.int64)
@@ -509,18 +607,13 @@ def _fused_attention_bwd_dq_kernel(
     dtype = Q.dtype.element_ty
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < sq
-    offs_c = tl.arange(0, HEAD_DIM)
-    if ROTARY_MODE != 0:
-        cols = rotary_cols(offs_c, rotary_half, INTERLEAVED)
-    else:
-        cols = offs_c
-    d_ok = cols < head_dim
+    col_a, col_b = _head_cols(rotary_half, HEAD_DIM, ROTARY_MODE, INTERLEAVED)
     offs_dv = tl.arange(0, HEAD_DIM_V)
     dv_ok = offs_dv < head_dim_v
     rows_q = q_start + offs_m
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows_q[:, None] * stride_qm + cols[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    Q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows_q * stride_qm
+    qa, qb = _load_tiles(Q_rows, m_ok, col_a, col_b, head_dim, ROTARY_MODE)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_q[:, None] * stride_dom + offs_dv[None, :],
                  mask=m_ok[:, None] & dv_ok[None, :], other=0.0)
     lse = tl.load(LSE + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=float("inf"))
@@ -531,15 +624,16 @@ def _fused_attention_bwd_dq_kernel(
     PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
     POS_IDS_B = POS_IDS + off_b * stride_pb
     xpos_center = 0
-    q32 = q.to(tl.float32)
+    tok_q = offs_m + off
+    pos_q = tok_q
     if ROTARY_MODE != 0:
-        tok_q = offs_m + off
         pos_q = _rotary_positions(POS_IDS_B, tok_q, m_ok, HAS_POS_IDS)
         if ROTARY_MODE == 2:
             xpos_center = tl.max(tl.where(m_ok, pos_q, -_UNBOUNDED), 0)
         cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
-                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2)
-        q = rotate_pairs(q32, cq, sq_, BLOCK_M, HEAD_DIM).to(dtype)
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
+                                 FAST_TRIG)
+        qa, qb = _rotated(qa, qb, cq, sq_, dtype)
     slope = 0.0
     if BIAS_MODE == 1:
         slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
@@ -547,7 +641,10 @@ def _fused_attention_bwd_dq_kernel(
     URPE_H = URPE_TABLE + off_h * stride_uh
     rows = off_b * (seqlen_q * (1 - IS_VARLEN)) + rows_q
 
-    dqt = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dqa = tl.zeros(qa.shape, dtype=tl.float32)
+    dqb = dqa
+    if ROTARY_MODE != 0:
+        dqb = tl.zeros(qb.shape, dtype=tl.float32)
     dbias_acc = tl.zeros([BIAS_TABLE_BLOCK], dtype=tl.float32)
     durpe_acc = tl.zeros([URPE_TABLE_BLOCK], dtype=tl.float32)
 
@@ -559,21 +656,22 @@ def _fused_attention_bwd_dq_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sk
-        k = tl.load(K_bh + offs_n[:, None] * stride_kn + cols[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
         if ROTARY_MODE != 0:
             pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
             ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
                                      rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
-                                     HEAD_DIM // 2)
-            k = rotate_pairs(k.to(tl.float32), ck, sk_, BLOCK_N, HEAD_DIM).to(dtype)
+                                     HEAD_DIM // 2, FAST_TRIG)
+            ka, kb = _rotated(ka, kb, ck, sk_, dtype)
         v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
                     other=0.0)
-        qk = _dot(q, tl.trans(k), DOT_PRECISION)
-        s, th, rel = _fused_attention_logits(qk, offs_m, offs_n, sq, sk, off, off_b, off_h,
+        qk = _qk(qa, qb, ka, kb, DOT_PRECISION, ROTARY_MODE)
+        rel_base = (start_n - start_m - off).to(tl.int32)
+        s, th, rel = _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off_h,
                                              qk_scale2, softcap_scale, softcap2, window_left, window_right,
                                              MASK, stride_mb, stride_mh, stride_mm, stride_mn,
                                              slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
-                                             SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
+                                             BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
         p = tl.exp2(s - lse2[:, None])
         dpv = _dot(do, tl.trans(v), DOT_PRECISION)  # dO_i . v_j
         dp = dpv
@@ -586,27 +684,32 @@ def _fused_attention_bwd_dq_kernel(
             dpv = tl.where(keep, dpv * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])  # d loss / d logit (natural units), = d loss / d bias
         if NEED_DBIAS:
-            dbias_acc = toeplitz_accumulate(dbias_acc, ds, start_n - start_m - off, bias_max_distance,
+            dbias_acc = toeplitz_accumulate(dbias_acc, ds, rel_base, bias_max_distance,
                                             BLOCK_M, BLOCK_N, DIAG, BIAS_TABLE_BLOCK)
         if NEED_DURPE:
             # d loss / d C_ij = P_ij * keep_ij / (1 - p) * (dO_i . v_j)  (ALGORITHMS.md 5.5)
-            durpe_acc = toeplitz_accumulate(durpe_acc, p * dpv, start_n - start_m - off, urpe_max_distance,
+            durpe_acc = toeplitz_accumulate(durpe_acc, p * dpv, rel_base, urpe_max_distance,
                                             BLOCK_M, BLOCK_N, DIAG, URPE_TABLE_BLOCK)
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
-        dqt += _dot((ds * sm_scale).to(dtype), k, DOT_PRECISION)
+        dsd = (ds * sm_scale).to(dtype)
+        dqa = _dot_acc(dsd, ka, dqa, DOT_PRECISION)
+        if ROTARY_MODE != 0:
+            dqb = _dot_acc(dsd, kb, dqb, DOT_PRECISION)
 
     if ROTARY_MODE != 0:
-        dq = rotate_pairs(dqt, cq, -sq_, BLOCK_M, HEAD_DIM)
+        cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
+                                 FAST_TRIG)
         if ROTARY_MODE == 3:
-            dph = rotary_dphase(q32, dqt, cq, sq_, BLOCK_M, HEAD_DIM)
+            xa, xb = _load_tiles(Q_rows, m_ok, col_a, col_b, head_dim, ROTARY_MODE)
+            dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dqa, dqb, cq, sq_)
             pair = tl.arange(0, HEAD_DIM // 2)
             tl.store(DPHASES_Q + off_b * stride_phb + off_h * stride_phh + tok_q[:, None] * stride_pht
                      + pair[None, :], dph, mask=m_ok[:, None] & (pair < rotary_half)[None, :])
-    else:
-        dq = dqt
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_q[:, None] * stride_dqm + cols[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+        dqa, dqb = rotate(dqa, dqb, cq, -sq_)
+    _store_tiles(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_q * stride_dqm, m_ok, col_a, col_b, head_dim,
+                 dqa, dqb, ROTARY_MODE)
     part_row = pid_m * tl.num_programs(1) + off_bh
     if NEED_DBIAS:
         bins = tl.arange(0, BIAS_TABLE_BLOCK)
@@ -639,6 +742,11 @@ def _dropout_mask_kernel(OUT, CU_SEQLENS_Q, num_heads, seqlen_q, seqlen_k, dropo
 # ------------------------------------------------------------------------------------------------
 # host side
 # ------------------------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU tensors): no inline PTX, no bf16 dot there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
 
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -749,11 +857,12 @@ class _Launch:
             self.phases, self.ps = dummy, (0, 0, 0)
         self.rotary_half = int(pe.rotary_dim) // 2 if self.rotary_mode else 0
         self.interleaved = bool(pe.interleaved) or self.rotary_mode == 2
-        self.HEAD_DIM = max(16, _next_pow2(self.head_dim))
+        # rotary modes split q / k into two half tiles, each a tl.dot operand: K >= 16
+        self.HEAD_DIM = max(32 if self.rotary_mode else 16, _next_pow2(self.head_dim))
         self.HEAD_DIM_V = max(16, _next_pow2(self.head_dim_v))
         if q.dtype == torch.float32:
             self.dot_precision = "ieee"
-        elif q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        elif q.dtype == torch.bfloat16 and _interpreting():
             self.dot_precision = "upcast"
         else:
             self.dot_precision = "tf32"
@@ -781,7 +890,7 @@ class _Launch:
                     BIAS_MODE=int(self.pe.bias_mode), HAS_URPE=self.pe.urpe_table is not None,
                     ROTARY_MODE=self.rotary_mode, INTERLEAVED=self.interleaved,
                     HAS_POS_IDS=self.pe.position_ids is not None, DROPOUT=self.dropout_p > 0,
-                    DOT_PRECISION=self.dot_precision)
+                    DOT_PRECISION=self.dot_precision, FAST_TRIG=not _interpreting())
 
 
 def _lse_strides(lse, varlen):
@@ -792,12 +901,16 @@ def _row_strides(t, varlen):
     return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
 
 
+def _config_kind(launch) -> str:
+    """Which entry of FWD_CONFIGS / BWD_CONFIGS a call uses (see CONFIG_KINDS)."""
+    rotary = launch.rotary_mode != 0
+    table = launch.pe.bias_mode in (2, 3) or launch.pe.urpe_table is not None
+    return {(False, False): "plain", (True, False): "rotary", (False, True): "table",
+            (True, True): "rotary+table"}[(rotary, table)]
+
+
 def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
-    cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V))
-    if launch.pe.bias_mode in (2, 3) or launch.pe.urpe_table is not None:
-        # the per-element table gathers get pipelined through shared memory: 3 stages of
-        # RelativeBias + URPE at d=64 compiled to 180 KB (> sm_80's 163 KB); 2 stages: 98 KB
-        cfg["num_stages"] = min(cfg["num_stages"], 2)
+    cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V), _config_kind(launch))
     if block_m is not None:
         cfg["BLOCK_M"] = int(block_m)
     if block_n is not None:
@@ -1026,22 +1139,25 @@ def dropout_keep_mask(batch_size, num_heads, seqlen_q, seqlen_k, dropout_p, seed
 # ------------------------------------------------------------------------------------------------
 # compile report (python -m posattn report): the launches a GPU would get, on small CPU tensors
 # ------------------------------------------------------------------------------------------------
-MATMUL_BOUND = True
+# the preprocess kernel (delta = rowsum(dO * O)) is a bandwidth-bound reduction, no matmul
+MATMUL_BOUND = {"_fused_attention_fwd_kernel", "_fused_attention_bwd_dkdv_kernel", "_fused_attention_bwd_dq_kernel"}
 
 
 def report_cases():
-    """(label, thunk) pairs: each thunk calls a launcher with the default FWD/BWD_CONFIGS, fp16.
+    """(label, thunk) pairs: each thunk calls a launcher with the default FWD/BWD_CONFIGS.
 
-    Head dims 64 and 128; plain causal, RoPE + ALiBi, and RelativeBias + URPE with their table
-    gradients (the heaviest backward). ``posattn.report`` records the launches and compiles them
-    for sm_80 / sm_90 without running anything.
+    Head dims 64 and 128 (fp16), every config kind (``_config_kind``): plain causal; RoPE + ALiBi,
+    xPos, learned phases (rotary); RelativeBias + URPE, T5 (tables, with their gradients: the
+    heaviest backward); RoPE + T5 (rotary and table); plus bf16 and head_dim 256 spot checks.
+    ``posattn.report`` records the launches and compiles them for sm_80 / sm_90 without running.
     """
-    from posattn.positional import ALiBi, RelativeBias, RoPE, URPE, kernel_args
+    from posattn.positional import ALiBi, LearnedPhaseRoPE, RelativeBias, RoPE, T5Bias, URPE, XPos, kernel_args
 
-    def case(head_dim, position, backward):
+    b, s, h = 1, 256, 2
+
+    def case(head_dim, position, backward, dtype):
         def thunk():
-            b, s, h = 1, 256, 2
-            q = torch.zeros(b, s, h, head_dim, dtype=torch.float16)
+            q = torch.zeros(b, s, h, head_dim, dtype=dtype)
             pe = kernel_args(position, batch_size=b, num_heads=h, seqlen_q=s, seqlen_k=s, head_dim=head_dim,
                              offset=0, device="cpu")
             out, lse = torch.zeros_like(q), torch.zeros(b, h, s)
@@ -1049,17 +1165,28 @@ def report_cases():
             if not backward:
                 fused_attention_fwd(q, q, q, out, lse, **opts)
                 return
-            d_bias = torch.zeros_like(pe.bias_table) if pe.bias_table is not None else None
-            d_urpe = torch.zeros_like(pe.urpe_table) if pe.urpe_table is not None else None
+            grads = dict(d_bias_table=pe.bias_table, d_urpe_table=pe.urpe_table, d_phases=pe.phases)
+            grads = {n: (torch.zeros_like(t) if t is not None else None) for n, t in grads.items()}
             fused_attention_bwd(out, q, q, q, out, lse, torch.zeros_like(q), torch.zeros_like(q),
-                                torch.zeros_like(q), d_bias_table=d_bias, d_urpe_table=d_urpe, **opts)
+                                torch.zeros_like(q), **grads, **opts)
         return thunk
 
+    positions = {
+        "causal": lambda: None,
+        "rope+alibi": lambda: [RoPE(), ALiBi()],
+        "xpos": lambda: XPos(),
+        "phases": lambda: LearnedPhaseRoPE(torch.full((b, h, s), 0.5)),
+        "relbias+urpe": lambda: [RelativeBias(torch.zeros(h, 33), max_distance=16),
+                                 URPE(torch.ones(h, 33), max_distance=16)],
+        "t5": lambda: T5Bias(torch.zeros(32, h), num_buckets=32, max_distance=128),
+        "rope+t5": lambda: [RoPE(), T5Bias(torch.zeros(32, h), num_buckets=32, max_distance=128)],
+    }
+    grid = [(d, name, "fp16") for d in (64, 128) for name in positions]
+    grid += [(64, "rope+alibi", "bf16"), (256, "causal", "fp16"), (256, "rope+alibi", "fp16")]
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     cases = []
-    for d in (64, 128):
-        for name, position in (("causal", None), ("rope+alibi", [RoPE(), ALiBi()]),
-                               ("relbias+urpe", [RelativeBias(torch.zeros(2, 33), max_distance=16),
-                                                 URPE(torch.ones(2, 33), max_distance=16)])):
-            for backward in (False, True):
-                cases.append((f"d={d} {name} {'bwd' if backward else 'fwd'} fp16", case(d, position, backward)))
+    for d, name, dt in grid:
+        for backward in (False, True):
+            cases.append((f"d={d} {name} {'bwd' if backward else 'fwd'} {dt}",
+                          case(d, positions[name](), backward, dtypes[dt])))
     return cases

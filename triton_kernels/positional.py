@@ -7,14 +7,14 @@ The math of every encoding lives here once for Triton (the float64 truth is
 Conventions (docs/INTERNALS.md):
 
 * ``rel = pk - pq`` (key index minus query index position, both as the mask sees them).
-* Rotary encodings (``ROTARY_MODE`` 1 RoPE, 2 xPos, 3 learned phases) work on *register columns*
-  in which every rotated pair sits side by side (interleaved order). For the half-rotated
-  GPT-NeoX / Llama layout the kernel loads the columns of q and k in that order
-  (``rotary_cols``), which leaves ``q . k`` unchanged because both use the same permutation, and
-  stores dq / dk through the same column map. So one ``rotate_pairs`` (reshape + split + join)
-  serves both layouts and the rotated q / k never go to memory.
+* Rotary encodings (``ROTARY_MODE`` 1 RoPE, 2 xPos, 3 learned phases) work on *half tiles*: the
+  kernels load the first and second element of every rotated pair as two [BLOCK, HEAD_DIM/2]
+  tiles (``rotary_pair_cols`` gives their memory columns for the interleaved and the half
+  layout), rotate them elementwise (``rotate``) and compute ``q . k`` as two half-width dots.
+  dq / dk are stored through the same column map; the rotated q / k never go to memory.
 * Angles are fp32 products of integer positions and fp32 inverse frequencies (ARCHITECTURE.md:
-  never in fp16/bf16); positions are exact in fp32 up to 2**24.
+  never in fp16/bf16); positions are exact in fp32 up to 2**24. They are range-reduced here
+  (``reduce_angle``) and fed to the hardware's approximate cos / sin on a GPU (``cos_sin``).
 * Biases are returned in natural-log units; the caller multiplies by log2(e).
 """
 from __future__ import annotations
@@ -23,36 +23,89 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
-def rotary_cols(offs_c, rotary_half, INTERLEAVED: tl.constexpr):
-    """Memory column held by register column ``offs_c``.
+# 2*pi as a sum of two fp32 numbers (Cody-Waite): TWO_PI_HI = fp32(2 pi), TWO_PI_LO = fp32(2 pi - TWO_PI_HI).
+TWO_PI_HI = tl.constexpr(6.2831854820251465)
+TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)
+INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
-    Interleaved (GPT-J, pairs (2i, 2i+1)): the identity. Half layout (pairs (i, i + r/2)):
-    register columns (2i, 2i+1) hold memory columns (i, i + r/2) for i < r/2; columns from r on
-    pass through at their own place.
+
+@triton.jit
+def reduce_angle(a):
+    """``a - 2 pi k`` in [-pi, pi] (up to one rounding), ``k = round(a / 2 pi)``; a fp32.
+
+    Cody-Waite with a two-constant split of 2 pi and fused multiply-adds. Why it is accurate:
+    for |a| >= 4, ``a`` and ``k * TWO_PI_HI`` are both multiples of 2**-21 (TWO_PI_HI has 24 bits
+    with exponent 2), so ``a - k * TWO_PI_HI`` (|.| < 4) is exact in fp32 and the first fma does not
+    round; the second rounds once (<= 1.2e-7 absolute) and the split's own error is ~7e-15 * |k|
+    (1e-9 at a = 1e6). fp32 angles stay exact for positions up to 2**24. ``tl.fma`` rounds once
+    on the GPU and in the interpreter alike, so both paths reduce to the same bits.
+    libdevice ``sinf``/``cosf`` would do this reduction themselves, but past |a| ~ 1e5 they take the
+    Payne-Hanek path whose local-memory table shows up as LDL/STL in every kernel that uses them.
+    """
+    k = tl.floor(a * INV_TWO_PI + 0.5)
+    r = tl.fma(-k, TWO_PI_HI, a)
+    return tl.fma(-k, TWO_PI_LO, r)
+
+
+@triton.jit
+def cos_sin(a, FAST_TRIG: tl.constexpr):
+    """(cos a, sin a) of an fp32 angle tensor, after ``reduce_angle``.
+
+    FAST_TRIG (GPU): PTX ``cos.approx.f32`` / ``sin.approx.f32`` (one MUFU op each; PTX ISA: max
+    absolute error 2**-20.9 ~ 5e-7 on [-pi, pi]), so with the reduction the result is within ~7e-7
+    of cos / sin of the exact fp32 angle for any |a| < 2**24 (tests/test_fused_attention_triton.py
+    checks the reduction + tl.cos path to 1e-6 up to a = 1e6; the approx path is not yet run on a
+    GPU). Not FAST_TRIG (``TRITON_INTERPRET=1``, where inline asm cannot run): ``tl.cos`` /
+    ``tl.sin`` of the same reduced angle.
+    """
+    r = reduce_angle(a)
+    if FAST_TRIG:
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        c = tl.cos(r)
+        s = tl.sin(r)
+    return c, s
+
+
+@triton.jit
+def rotary_pair_cols(pair, rotary_half, INTERLEAVED: tl.constexpr):
+    """Memory columns ``(col_a, col_b)`` of rotation pair ``pair`` (int32 [HALF]).
+
+    The kernels hold q and k as two half tiles ``x_a = x[:, col_a]``, ``x_b = x[:, col_b]``, so the
+    rotation is elementwise on [BLOCK, HALF] tiles and ``q . k = q_a . k_a + q_b . k_b`` (two
+    half-width dots, no permuted reload, no reshape/join through shared memory).
+    Interleaved (GPT-J, pairs (2i, 2i+1)): ``(2i, 2i+1)``. Half layout (GPT-NeoX / Llama, pairs
+    (i, i + r/2)): ``(i, i + r/2)`` for i < r/2. Pairs i >= r/2 hold the pass-through columns
+    ``(2i, 2i+1)`` (>= r; cos 1, sin 0 for them), so the pairs cover every column < 2 * HALF once.
     """
     if INTERLEAVED:
-        cols = offs_c
+        col_a = 2 * pair
+        col_b = 2 * pair + 1
     else:
-        pair = offs_c // 2
-        cols = tl.where(pair < rotary_half, pair + (offs_c % 2) * rotary_half, offs_c)
-    return cols
+        rot = pair < rotary_half
+        col_a = tl.where(rot, pair, 2 * pair)
+        col_b = tl.where(rot, pair + rotary_half, 2 * pair + 1)
+    return col_a, col_b
 
 
 @triton.jit
 def rotary_cos_sin(pos, tok, row_mask, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale, head_dim,
                    xpos_center, xpos_scale_base,
-                   IS_KEY: tl.constexpr, ROTARY_MODE: tl.constexpr, HALF: tl.constexpr):
+                   IS_KEY: tl.constexpr, ROTARY_MODE: tl.constexpr, HALF: tl.constexpr, FAST_TRIG: tl.constexpr):
     """cos and sin ``[BLOCK, HALF]`` (fp32) of one block of rows, with every per-pair factor folded in.
 
     pos : int [BLOCK]     rotation positions (RoPE ``position_ids`` or index positions)
     tok : int [BLOCK]     token index into the learned phases (ROTARY_MODE 3)
-    ROTARY_MODE 1 (RoPE): angle ``pos * inv_freq[i]``; cos and sin times ``rotary_scale`` (YaRN).
+    ROTARY_MODE 1 (RoPE): angle ``pos * inv_freq[i]`` (fp32); cos and sin times ``rotary_scale`` (YaRN).
     ROTARY_MODE 2 (xPos, arXiv 2212.10554): also times ``zeta_i ** (+-(pos - c) / scale_base)`` with
         ``zeta_i = (2i + 0.4 d) / (1.4 d)``: + for queries, - for keys (``IS_KEY``); any common
         centre ``c`` cancels in q . k, the kernels pick one per block to keep factors near 1.
     ROTARY_MODE 3 (CARoPE phases, arXiv 2507.23083): angle ``phases[tok, i]`` (already cumulated).
     Pairs ``i >= rotary_half`` (pass-through features and head_dim padding) get cos 1, sin 0.
+    Trigonometry: ``cos_sin`` (range reduction, then fast or libm cos/sin per FAST_TRIG).
     """
     pair = tl.arange(0, HALF)
     pmask = pair < rotary_half
@@ -62,8 +115,7 @@ def rotary_cos_sin(pos, tok, row_mask, INV_FREQ, PHASES_BH, stride_pht, rotary_h
     else:
         freq = tl.load(INV_FREQ + pair, mask=pmask, other=0.0)
         ang = pos.to(tl.float32)[:, None] * freq[None, :]
-    c = tl.cos(ang)
-    s = tl.sin(ang)
+    c, s = cos_sin(ang, FAST_TRIG)
     if ROTARY_MODE == 1:
         c = c * rotary_scale
         s = s * rotary_scale
@@ -81,26 +133,23 @@ def rotary_cos_sin(pos, tok, row_mask, INV_FREQ, PHASES_BH, stride_pht, rotary_h
 
 
 @triton.jit
-def rotate_pairs(x, c, s, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Each register pair (a, b) -> (a c - b s, a s + b c); x fp32 [BLOCK, HEAD_DIM], c/s [BLOCK, HEAD_DIM/2].
+def rotate(xa, xb, c, s):
+    """Each pair (a, b) -> (a c - b s, a s + b c); half tiles fp32 [BLOCK, HALF], c/s like them.
 
     The transpose (gradient of the rotation, and the inverse rotation when no factor is folded
-    into c, s) is ``rotate_pairs(g, c, -s)``.
+    into c, s) is ``rotate(ga, gb, c, -s)``.
     """
-    a, b = tl.split(tl.reshape(x, (BLOCK, HEAD_DIM // 2, 2)))
-    return tl.reshape(tl.join(a * c - b * s, a * s + b * c), (BLOCK, HEAD_DIM))
+    return xa * c - xb * s, xa * s + xb * c
 
 
 @triton.jit
-def rotary_dphase(x, g, c, s, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """d loss / d angle ``[BLOCK, HEAD_DIM/2]`` of y = rotate_pairs(x, c, s) given g = d loss / d y.
+def rotary_dphase(xa, xb, ga, gb, c, s):
+    """d loss / d angle ``[BLOCK, HALF]`` of (ya, yb) = rotate(xa, xb, c, s) given (ga, gb) = d loss / d y.
 
     dy_a/dtheta = -y_b and dy_b/dtheta = y_a, so dtheta = -g_a y_b + g_b y_a (valid when c, s are
     cos, sin of theta: learned phases carry no extra factor).
     """
-    a, b = tl.split(tl.reshape(x, (BLOCK, HEAD_DIM // 2, 2)))
-    ga, gb = tl.split(tl.reshape(g, (BLOCK, HEAD_DIM // 2, 2)))
-    return gb * (a * c - b * s) - ga * (a * s + b * c)
+    return gb * (xa * c - xb * s) - ga * (xa * s + xb * c)
 
 
 @triton.jit
