@@ -430,3 +430,22 @@ def test_module_redraw_policy():
         layer(torch.randn(1, 9, 8))
     with pytest.raises(ValueError, match="num_heads: expected a divisor of embed_dim=8"):
         posattn.nn.KernelizedRPEAttention(8, 3, max_seqlen=8)
+
+
+def test_causal_prf_roundoff_warns_and_float64_fixes_it():
+    """Early causal rows see only keys whose PRF features are tiny next to the sequence's largest one; fp32 FFT
+    round-off (relative to that largest one) then reaches ~3e-3: a RuntimeWarning, and fft_dtype=float64 fixes it."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 2048, 32, generator=g) for _ in range(3))
+    q, k = 1.5 * q, 1.5 * k      # wider PRF feature spread (measured: fp32 max error 1.7e-3, estimate 4.6e-2)
+    r = torch.arange(-2047, 2048, dtype=torch.float32)
+    b = -0.35 * torch.log1p(r.abs())[None, :]
+    w = draw_projection(32, 32, generator=g)
+    with pytest.warns(RuntimeWarning, match="round-off error of the output"):
+        kra(q, k, v, b, projection=w, causal=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = kra(q, k, v, b, projection=w, causal=True, fft_dtype=torch.float64)
+        kra(q, k, v, b, projection=w, causal=False)      # non-causal: every row sees the large keys, no warning
+    ref = R.kernelized_rpe_fft(q, k, v, b, _ref_map("prf", w, 32 ** -0.5), True)
+    assert_close(out, ref, torch.float32)
