@@ -120,7 +120,7 @@ def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
 # comparisons
 # ---------------------------------------------------------------------------------------------
 
-def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, terms=None):
+def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, terms=None, cond=1.0):
     """Compare with the float64 reference using the per-dtype table of tests/tolerances.py, scaled to the
     magnitude of the values (fuzzing draws large values and gradients that cancel to ~0).
 
@@ -134,6 +134,8 @@ def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, 
     ``terms``: the gradient of a positional table is a sum over every (batch, head, query, key) logit, with
     cancellation (each softmax row's gradient sums to 0), so fp32 round-off grows like sqrt(terms); the
     tolerances are widened by ``max(1, sqrt(terms) / 16)`` (16^2 = 256 terms is what the table assumes).
+    ``cond``: a further factor, ``logit_cond`` (fp32 round-off of a logit s is ~eps * |s|, and the softmax
+    turns it into a relative error of p; the table assumes |s| of a few units).
     """
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
@@ -147,9 +149,10 @@ def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, 
     if e.numel() == 0:
         return
     atol, rtol, l2 = (BWD if grad else FWD)[dtype]
+    widen = max(1.0, float(cond))
     if terms:
-        widen = max(1.0, math.sqrt(terms) / 16)
-        atol, rtol, l2 = atol * widen, rtol * widen, l2 * widen
+        widen *= max(1.0, math.sqrt(terms) / 16)
+    atol, rtol, l2 = atol * widen, rtol * widen, l2 * widen
     floor = 0.0 if scale is None else float(scale)
     denom = max(e.norm().item(), floor)
     err = (a - e).norm().item()
@@ -161,6 +164,19 @@ def check_close(actual, expected, dtype, *, grad=False, name="out", scale=None, 
     assert not bad.any(), (
         f"{name}: {int(bad.sum())} of {e.numel()} elements off by more than atol*{m:.3g} + rtol*|ref| ({dtype}); "
         f"worst {(a - e).abs().max().item():.3e}")
+
+
+def logit_cond(q, k, scale, *, head_dim=None, softcap=0.0):
+    """max(1, bound on |logit| / 8) for q (..., D), k (..., D): scale * max row norm of q * max row norm of k
+    (Cauchy-Schwarz), capped by softcap when it is on."""
+    if q.numel() == 0 or k.numel() == 0:
+        return 1.0
+    d = q.shape[-1] if head_dim is None else head_dim
+    s = (d ** -0.5 if scale is None else scale)
+    bound = s * q.double().norm(dim=-1).max().item() * k.double().norm(dim=-1).max().item()
+    if softcap and softcap > 0:
+        bound = min(bound, softcap)
+    return max(1.0, bound / 8.0)
 
 
 def grad_floor(ref_grads, names, base=("dq", "dk", "dv")):

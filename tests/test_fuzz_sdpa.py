@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import posattn
 from posattn import reference as R
 from fuzz_helpers import (DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
-                          check_close, grad_floor, grads, heads, hidden_keys, poison_rows, poisoned_allocations,
-                          position_spec, snapshot, values, visibility, with_layout)
+                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, poison_rows,
+                          poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
 
 POISON = (None, float("nan"), float("inf"))
@@ -82,6 +82,7 @@ def _sdpa_case(data, backend):
     # tiny q/k give near-uniform softmax; v stays unit-scale (tiny fp16 outputs would be subnormal)
     v = values((Bk, Hk, Sk, Dv), dtype, "unit" if kind == "tiny" else kind, gen)
 
+    cond = logit_cond(q, k, scale)
     # truth on float64 leaves (the same rounded values)
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
     m64 = None
@@ -115,7 +116,7 @@ def _sdpa_case(data, backend):
                                                    enable_gqa=enable_gqa, position=position, backend=backend)
         assert out.dtype == dtype
         out4 = out.reshape(B, H, Sq, Dv)
-        check_close(out4, ro, dtype, name="out")
+        check_close(out4, ro, dtype, name="out", cond=cond)
         dout = values(out4.shape, dtype, "unit", gen)
         ours = [qa, ka, va] + leaves + ([ma] if mask_grad else [])
         theirs = [q64, k64, v64] + leaves + ([m64] if mask_grad else [])
@@ -124,7 +125,7 @@ def _sdpa_case(data, backend):
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))] + (["d_mask"] if mask_grad else [])
     for g, w, n, f in zip(got, want, names, grad_floor(want, names)):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") or n == "d_mask" else None
-        check_close(g.reshape(w.shape), w, dtype, grad=True, name=n, scale=f, terms=terms)
+        check_close(g.reshape(w.shape), w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond)
     assert_unchanged(snap, q=qa, k=ka, v=va, mask=ma)
 
 
