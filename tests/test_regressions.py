@@ -59,3 +59,33 @@ def test_causally_hidden_nan_keys_leak_into_torch_backend():
     ro, _ = R.attention(q, k, v, attn_mask=mask)
     out = posattn.scaled_dot_product_attention(q, kp, vp, attn_mask=mask, backend="torch")
     check_close(out, ro, torch.float32)
+
+
+def test_varlen_no_work_rows_past_cu_seqlens_give_nan():
+    # test_fuzz_varlen_torch: seed=0, float32, batch_size=1, lens_q=[1], lens_k=[0], heads=(1, 1), head_dim=4,
+    # rows_past_cu_k=2, pad_fill=nan
+    # With nothing to compute (no sequence has both queries and keys) the torch backend connected the graph with
+    # out + 0 * (q.sum() + k.sum() + v.sum()): NaN/inf in rows outside every sequence made the output NaN.
+    q = torch.randn(2, 1, 4, requires_grad=True)
+    k = torch.full((3, 1, 4), float("nan"))
+    v = torch.full((3, 1, 4), float("inf"))
+    for cq, ck in (([0, 1], [0, 0]), ([0, 0], [0, 1])):
+        cu_q, cu_k = torch.tensor(cq, dtype=torch.int32), torch.tensor(ck, dtype=torch.int32)
+        out, lse, _ = posattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, 1, return_attn_probs=True,
+                                                     backend="torch")
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
+        (dq,) = torch.autograd.grad(out, [q], torch.ones_like(out))
+        assert torch.equal(dq, torch.zeros_like(dq))
+
+
+def test_reference_varlen_alibi_slopes_with_position():
+    # test_fuzz_varlen_torch: lens_q=[1], lens_k=[0], alibi_slopes (num_heads,), position=[XPos()]
+    # reference.varlen_attention appended ALiBi to list(parse_position(position)), which holds None for the
+    # empty slots -> TypeError; the truth must accept alibi_slopes together with a rotary/URPE position.
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(5, 2, 8, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    slopes = torch.tensor([0.5, 0.25])
+    out, _ = R.varlen_attention(q, k, v, cu, cu, alibi_slopes=slopes, position=posattn.XPos())
+    want, _ = R.varlen_attention(q, k, v, cu, cu, position=[posattn.XPos(), posattn.ALiBi(slopes)])
+    assert torch.equal(out, want)

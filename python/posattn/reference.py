@@ -692,7 +692,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     lse = torch.full((H, total_q), float("-inf"), dtype=torch.float64, device=q.device)
     if alibi_slopes is not None:
         extra = [_pos.ALiBi(alibi_slopes)]
-        position = extra if position is None else list(_pos.parse_position(position)) + extra
+        position = extra + [x for x in _pos.parse_position(position) if x is not None]
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
         q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]

@@ -652,8 +652,9 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
                          overhead=CALL_OVERHEAD_FLOPS / (2.0 * a.num_heads * (a.head_dim + a.head_dim_v)))
     if not chunks:
         if q.requires_grad or k.requires_grad or v.requires_grad:
-            # keep the graph connected so backward gives zero gradients instead of an error
-            out = out + 0 * (q.sum() + k.sum() + v.sum())
+            # keep the graph connected so backward gives zero gradients instead of an error; sums of empty
+            # slices read no data (0 * sum(q) would turn NaN/inf in rows outside every sequence into NaN)
+            out = out + (q[:0].sum() + k[:0].sum() + v[:0].sum())
         return out, lse
     fast = _sdpa_cpu_ok(q, a, need_lse_grad)
     group = a.num_heads // a.num_heads_k

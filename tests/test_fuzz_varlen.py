@@ -1,0 +1,143 @@
+"""Property-based fuzzing of posattn.flash_attn_varlen_func (+ qkvpacked / kvpacked) on the torch backend and
+the Triton interpreter against reference.varlen_attention in float64: batches of sequences with lengths 0, 1
+and block boundaries side by side, seqlen_q != seqlen_k per sequence, GQA, causal/window/softcap, alibi_slopes
+(per head or per sequence), positional encodings with per-token data (RoPE position_ids over total_k, learned
+phases (1, heads, total_k)), dtypes, layouts, value regimes; out, lse and gradients. Rows past
+cu_seqlens[-1] hold NaN/inf: their output must be 0, lse -inf, gradient 0, and nothing else may change.
+Inputs are bit-identical afterwards.
+
+Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import posattn
+from posattn import reference as R
+from fuzz_helpers import (DTYPES, LAYOUTS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged, check_close,
+                          grad_floor, grads, heads, logit_cond, poisoned_allocations, position_spec, snapshot,
+                          values, with_layout)
+from hypothesis_profiles import examples
+
+LENS = st.sampled_from([0, 0, 1, 2, 5, 15, 16, 17, 33])
+LENS_TINY = LENGTHS_TINY
+
+
+def _cu(lens):
+    return torch.tensor([0] + list(torch.tensor(lens, dtype=torch.int64).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def _varlen_case(data, backend):
+    triton = backend == "triton"
+    draw = data.draw
+    seed = draw(SEEDS, label="seed")
+    gen = torch.Generator().manual_seed(seed)
+    dtype = draw(st.sampled_from(DTYPES), label="dtype")
+    nseq = draw(st.integers(1, 3 if triton else 4), label="batch_size")
+    packing = draw(st.sampled_from(["none", "none", "kv", "qkv"]), label="packing")
+    lens_q = draw(st.lists(LENS_TINY if triton else LENS, min_size=nseq, max_size=nseq), label="lens_q")
+    lens_k = lens_q if packing == "qkv" else draw(st.lists(LENS_TINY if triton else LENS, min_size=nseq,
+                                                           max_size=nseq), label="lens_k")
+    H, Hk = draw(heads(4 if triton else 6), label="heads")
+    if packing == "qkv":
+        Hk = H
+    D = draw(st.sampled_from([16, 32] if triton else [4, 8, 16, 40]), label="head_dim")
+    kind = draw(st.sampled_from(VALUE_KINDS), label="values")
+    causal = draw(st.booleans(), label="causal")
+    wl = draw(st.sampled_from([-1, -1, 0, 2, 40]), label="window_left")
+    wr = draw(st.sampled_from([-1, -1, 0, 3]), label="window_right")
+    softcap = draw(st.sampled_from([0.0, 0.0, 2.0]), label="softcap")
+    scale = draw(st.sampled_from([None, 0.4]), label="softmax_scale")
+    extra_q = 0 if packing == "qkv" else draw(st.sampled_from([0, 0, 1, 5]), label="rows_past_cu_q")
+    extra_k = draw(st.sampled_from([0, 0, 2]), label="rows_past_cu_k")
+    if packing == "qkv":
+        extra_k = extra_q = draw(st.sampled_from([0, 0, 3]), label="rows_past_cu")
+    slack = draw(st.sampled_from([0, 0, 3]), label="max_seqlen_slack")
+    total_q, total_k = sum(lens_q) + extra_q, sum(lens_k) + extra_k
+    slopes_kind = draw(st.sampled_from(["none", "none", "heads", "batch_heads"]), label="alibi_slopes")
+
+    # positional encodings with per-token data over the packed axis; rotary needs lens_q <= lens_k
+    allow = ["xpos", "urpe"] + (["alibi", "relative", "t5"] if slopes_kind == "none" else [])
+    if all(a <= b for a, b in zip(lens_q, lens_k)):
+        allow += ["rope", "phase"]
+    position, leaves = draw(position_spec(batch=1, heads=H, seqlen_q=0, seqlen_k=total_k, head_dim=D, offset=0,
+                                          gen=gen, learnable_alibi=not triton, allow=tuple(allow)), label="position")
+    # drawn for batch 1 over the packed axis: position_ids (total_k,) / (1, total_k), freqs (1, H, total_k);
+    # per-sequence ALiBi slopes are (batch_size, H)
+    for p in (position if isinstance(position, list) else [position]):
+        if isinstance(p, posattn.ALiBi) and p.slopes is not None and p.slopes.dim() == 2:
+            s = (0.02 + torch.rand(nseq, H, generator=gen)).requires_grad_(not triton)
+            leaves[:] = [t for t in leaves if t is not p.slopes] + ([s] if not triton else [])
+            p.slopes = s
+    alibi = None
+    if slopes_kind != "none":
+        alibi = 0.02 + torch.rand((H,) if slopes_kind == "heads" else (nseq, H), generator=gen)
+    layout = draw(st.sampled_from(LAYOUTS), label="layout")
+    pad_fill = draw(st.sampled_from([float("nan"), float("inf")]), label="pad_fill")
+
+    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
+    q = values((total_q, H, D), dtype, kind, gen)
+    k = values((total_k, Hk, D), dtype, kind, gen)
+    v = values((total_k, Hk, D), dtype, "unit" if kind == "tiny" else kind, gen)
+    cond = logit_cond(q, k, scale, softcap=softcap)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ro, rl = R.varlen_attention(q64, k64, v64, cu_q, cu_k, softmax_scale=scale, causal=causal,
+                                window_size=(wl, 0 if causal else wr), softcap=softcap, alibi_slopes=alibi,
+                                position=position)
+    qp, kp, vp = q.clone(), k.clone(), v.clone()   # rows past cu_seqlens[-1] belong to no sequence
+    qp[sum(lens_q):], kp[sum(lens_k):], vp[sum(lens_k):] = pad_fill, -pad_fill, pad_fill
+
+    kw = dict(dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap,
+              alibi_slopes=alibi, return_attn_probs=True, position=position, backend=backend)
+    with poisoned_allocations():
+        if packing == "qkv":
+            qkv = with_layout(torch.stack([qp, kp, vp], dim=1), layout).requires_grad_(True)
+            snap = snapshot(qkv=qkv, cu_q=cu_q, alibi=alibi)
+            out, lse, _ = posattn.flash_attn_varlen_qkvpacked_func(qkv, cu_q, max_q, **kw)
+            ours = [qkv]
+        elif packing == "kv":
+            qa = with_layout(qp, layout).requires_grad_(True)
+            kv = with_layout(torch.stack([kp, vp], dim=1), layout).requires_grad_(True)
+            snap = snapshot(q=qa, kv=kv, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
+            out, lse, _ = posattn.flash_attn_varlen_kvpacked_func(qa, kv, cu_q, cu_k, max_q, max_k, **kw)
+            ours = [qa, kv]
+        else:
+            qa, ka, va = (with_layout(t, layout).requires_grad_(True) for t in (qp, kp, vp))
+            snap = snapshot(q=qa, k=ka, v=va, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
+            out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
+            ours = [qa, ka, va]
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        check_close(out, ro, dtype, name="out", cond=cond)
+        check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond)
+        dout = values(out.shape, dtype, "unit", gen)
+        got = grads(out, ours + leaves, dout)
+    want = grads(ro, [q64, k64, v64] + leaves, dout.double())
+    if packing == "qkv":
+        got = [got[0][:, 0], got[0][:, 1], got[0][:, 2]] + got[1:]
+    elif packing == "kv":
+        got = [got[0], got[1][:, 0], got[1][:, 1]] + got[2:]
+    names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
+    terms = H * sum(a * b for a, b in zip(lens_q, lens_k))
+    for g, w, n, f in zip(got, want, names, grad_floor(want, names)):
+        check_close(g, w, dtype, grad=True, name=n, scale=f, cond=cond,
+                    terms=terms if n.startswith("d_leaf") else None)
+    if packing == "qkv":
+        assert_unchanged(snap, qkv=qkv, cu_q=cu_q, alibi=alibi)
+    elif packing == "kv":
+        assert_unchanged(snap, q=qa, kv=kv, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
+    else:
+        assert_unchanged(snap, q=qa, k=ka, v=va, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
+
+
+@given(data=st.data())
+@examples(25)
+def test_fuzz_varlen_torch(data):
+    _varlen_case(data, "torch")
+
+
+@pytest.mark.interp
+@given(data=st.data())
+@examples(5)
+def test_fuzz_varlen_triton(data):
+    _varlen_case(data, "triton")
