@@ -144,5 +144,26 @@ def kernelized_rpe_fft_input(x, v, out, *, feature_mode: int, f0: int, num_chunk
     )
 
 
+def report_cases():
+    """Launches for ``python -m posattn report``: the FFT-input builder for each feature map at the
+    shapes the op uses (head_dim 64, m 64 PRF features in chunks, fp32 compute; fp16/bf16 inputs)."""
+    import torch
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode, name in ((FEATURE_PRF, "prf"), (FEATURE_ELU1, "elu+1"), (FEATURE_RELU, "relu"),
+                           (FEATURE_PRECOMPUTED, "precomputed")):
+            def thunk(dtype=dtype, mode=mode):
+                b, h, s, d, dv, m, chunk = 1, 2, 256, 64, 64, 64, 8
+                x = torch.empty(b, h, s, m if mode == FEATURE_PRECOMPUTED else d, dtype=dtype)
+                v = torch.empty(b, h, s, dv, dtype=dtype)
+                out = torch.empty(b, h, chunk * (dv + 1), 512, dtype=torch.float32)
+                proj = torch.empty(m, d, dtype=torch.float32) if mode == FEATURE_PRF else None
+                shift = torch.empty(b, h, s, dtype=torch.float32) if mode == FEATURE_PRF else None
+                kernelized_rpe_fft_input(x, v, out, feature_mode=mode, f0=0, num_chunk=chunk, projection=proj,
+                                         shift=shift)
+            cases.append((f"{str(dtype).replace('torch.', '')} d64 m64 chunk8 {name}", thunk))
+    return cases
+
+
 __all__ = ["kernelized_rpe_fft_input", "FEATURE_PRECOMPUTED", "FEATURE_PRF", "FEATURE_RELU", "FEATURE_ELU1",
            "RELU_EPS"]

@@ -103,3 +103,20 @@ def apply_rotary_fwd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out:
         COPY_REST=(out.data_ptr() != x.data_ptr()) and 2 * half < head_dim,
         BLOCK_S=block_s, BLOCK_K=block_k,
     )
+
+
+def report_cases():
+    """Launches for ``python -m posattn report``: the configs apply_rotary_fwd picks for common shapes
+    (Llama-3 head_dim 128 GPT-NeoX layout, GPT-J interleaved 64 with position_ids, partial rotary), per dtype."""
+    cases = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim, rot, inter, pos in ((128, 128, False, False), (64, 64, True, True), (80, 32, False, False)):
+            def thunk(dtype=dtype, head_dim=head_dim, rot=rot, inter=inter, pos=pos):
+                x = torch.empty(2, 64, 4, head_dim, dtype=dtype)
+                cos = torch.empty(64, rot // 2, dtype=torch.float32)
+                ids = torch.zeros(2, 64, dtype=torch.int32) if pos else None
+                apply_rotary_fwd(x, cos, cos.clone(), torch.empty_like(x), position_ids=ids, interleaved=inter)
+            name = str(dtype).replace("torch.", "")
+            cases.append((f"{name} d{head_dim} rot{rot}{' interleaved' if inter else ''}{' pos_ids' if pos else ''}",
+                          thunk))
+    return cases

@@ -185,13 +185,15 @@ def _dtype_of(args) -> str:
     return ""
 
 
-def triton_cases() -> list[tuple[str, str, Callable[[], None], object]]:
+def triton_cases(only: Optional[str] = None) -> list[tuple[str, str, Callable[[], None], object]]:
     """(op, label, thunk, matmul_bound) from every triton_kernels module with report_cases().
 
     A module's ``MATMUL_BOUND`` is a bool (all its kernels) or a set of kernel names: those must use
     tensor-core instructions (HMMA on sm_80, HGMMA on sm_90)."""
     out = []
     for mod_name in TRITON_MODULES:
+        if only and only not in mod_name:
+            continue
         try:
             mod = importlib.import_module(f"posattn.triton_kernels.{mod_name}")
         except ImportError:
@@ -200,7 +202,13 @@ def triton_cases() -> list[tuple[str, str, Callable[[], None], object]]:
         if fn is None:
             continue
         matmul = getattr(mod, "MATMUL_BOUND", False)
-        for label, thunk in fn():
+        try:
+            cases = fn()
+        except Exception as err:  # a broken report_cases() is a failing row, not a crash
+            def thunk(err=err):
+                raise err
+            cases = [("report_cases()", thunk)]
+        for label, thunk in cases:
             out.append((mod_name, label, thunk, matmul))
     return out
 
@@ -208,9 +216,7 @@ def triton_cases() -> list[tuple[str, str, Callable[[], None], object]]:
 def triton_report(archs=ARCHS, only: Optional[str] = None) -> list[KernelResources]:
     rows: list[KernelResources] = []
     seen = set()
-    for op, label, thunk, matmul in triton_cases():
-        if only and only not in op:
-            continue
+    for op, label, thunk, matmul in triton_cases(only):
         with LaunchRecorder() as rec:
             try:
                 thunk()
