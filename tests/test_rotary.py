@@ -29,7 +29,8 @@ def _run(backend, x, cos, sin, **kw):
     return posattn.apply_rotary(x, cos, sin, backend=backend, **kw)
 
 
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interp)]
+# "cuda" (posattn._cuda.apply_rotary_cuda over csrc/rope.cu) runs only on a GPU: not yet run on a GPU
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interp), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -138,3 +139,72 @@ def test_opcheck_apply_rotary():
     pid = torch.randint(0, 7, (2, 5))
     torch.library.opcheck(torch.ops.posattn.apply_rotary.default, (x, cos, sin, pid, False, False, "torch"))
     torch.library.opcheck(torch.ops.posattn.apply_rotary.default, (x, cos, sin, None, True, True, "torch"))
+
+
+# ---- backend "cuda": explicit only ---------------------------------------------------------------
+
+def test_cuda_backend_on_cpu_tensors_raises():
+    x = torch.randn(2, 5, 2, 16)
+    cos, sin = _tables(5, 16)
+    before = x.clone()
+    for inplace in (False, True):
+        with pytest.raises(RuntimeError, match="backend='cuda'"):
+            posattn.apply_rotary(x, cos, sin, inplace=inplace, backend="cuda")
+    assert torch.equal(x, before)
+
+
+def test_auto_never_offers_cuda(monkeypatch):
+    """Policy: "cuda" is registered (last) but not a candidate of backend="auto" (not yet run on a GPU)."""
+    from posattn import _backends, ops_registry
+    assert ops_registry.OPS["apply_rotary"][1][-1] == "cuda"
+    seen = {}
+    real = _backends.resolve
+
+    def spy(backend, device, *, supported, op):
+        seen[backend] = tuple(supported)
+        return real(backend, device, supported=supported, op=op)
+
+    monkeypatch.setattr(_backends, "resolve", spy)
+    x = torch.randn(1, 3, 1, 8)
+    cos, sin = _tables(3, 8)
+    posattn.apply_rotary(x, cos, sin)
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        posattn.apply_rotary(x, cos, sin, backend="cuda")
+    assert "cuda" not in seen["auto"] and "cuda" in seen["cuda"]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_does_not_use_cuda_kernel(monkeypatch, device):
+    """On a GPU, even without Triton, backend="auto" must not call the CUDA C++ kernel."""
+    from posattn import _backends, _cuda
+
+    def boom(*a, **k):
+        raise AssertionError("backend='auto' called the CUDA C++ rotary kernel")
+
+    monkeypatch.setattr(_cuda, "apply_rotary_cuda", boom)
+    monkeypatch.setattr(_backends, "triton_available", lambda dev: False)
+    x = torch.randn(2, 4, 2, 16, device=device)
+    cos, sin = _tables(4, 16, device=device)
+    assert_close(posattn.apply_rotary(x, cos, sin), _ref(x, cos, sin, False), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_inplace_non_unit_last_stride(backend, device):
+    """In place on a view whose last stride is 2 (the CUDA kernel needs unit stride: computed aside, copied back)."""
+    base = torch.randn(2, 6, 3, 32, device=device)
+    x = base[..., ::2]
+    cos, sin = _tables(6, 12, device=device)
+    want = _ref(x, cos, sin, True)
+    odd = base[..., 1::2].clone()
+    out = posattn.apply_rotary(x, cos, sin, interleaved=True, inplace=True, backend=backend)
+    assert out is x
+    assert_close(x, want, torch.float32)
+    assert torch.equal(base[..., 1::2], odd), "elements between the view's columns were written"
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_rejects_float64(device):
+    x = torch.randn(1, 3, 1, 8, device=device, dtype=torch.float64)
+    cos, sin = _tables(3, 8, device=device)
+    with pytest.raises(TypeError, match="x"):
+        posattn.apply_rotary(x, cos, sin, backend="cuda")

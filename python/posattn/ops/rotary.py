@@ -1,9 +1,10 @@
 """apply_rotary: rotary position embedding of one tensor from given cos/sin tables, with backward.
 
 Custom op ``posattn::apply_rotary`` (torch backend: ``posattn.reference.apply_rotary`` in fp32 on gathered
-tables; Triton backend: ``posattn.triton_kernels.rotary.apply_rotary_fwd``). Backward of x is the same op
-with the inverse rotation (sin negated); gradients of cos/sin (when they require grad) are reduced over
-batch and heads and scattered to their table rows in torch.
+tables; Triton backend: ``posattn.triton_kernels.rotary.apply_rotary_fwd``; CUDA backend, explicit only and
+not yet run on a GPU: ``posattn._cuda.apply_rotary_cuda`` over ``csrc/rope.cu``). Backward of x is the same
+op with the inverse rotation (sin negated; the ``conj`` flag of the CUDA kernel); gradients of cos/sin (when
+they require grad) are reduced over batch and heads and scattered to their table rows in torch.
 """
 from __future__ import annotations
 
@@ -18,7 +19,12 @@ from .._checks import FLOAT_DTYPES, Dims, check_same, check_tensor, dtype_name
 
 __all__ = ["apply_rotary"]
 
-ops_registry.register("apply_rotary", "posattn.ops.rotary", ("triton", "torch"))
+# "cuda" is last and never picked by backend="auto": the CUDA C++ kernel has not yet run on a GPU (a GPU
+# benchmark decides once it has); an explicit backend="cuda" uses it.
+_AUTO_BACKENDS = ("triton", "torch")
+_BACKENDS = ("triton", "torch", "cuda")
+
+ops_registry.register("apply_rotary", "posattn.ops.rotary", _BACKENDS)
 
 
 def _rows(position_ids, batch, seqlen, device):
@@ -42,6 +48,18 @@ def _rotary_torch(x, cos, sin, position_ids, interleaved, conjugate):
 def _launch(x, cos, sin, position_ids, interleaved, conjugate, backend, out):
     if backend == "torch":
         out.copy_(_rotary_torch(x, cos, sin, position_ids, interleaved, conjugate))
+        return
+    if backend == "cuda":
+        if x.numel() == 0:
+            return
+        from .. import _cuda
+        pos = None if position_ids is None else position_ids.reshape(-1, x.shape[1])
+        kw = dict(interleaved=interleaved, conj=conjugate, position_ids=pos)
+        with torch.cuda.device(x.device):
+            if out is x and x.stride(-1) != 1:   # the kernel rotates in place only with a unit last-dim stride
+                out.copy_(_cuda.apply_rotary_cuda(x, cos, sin, **kw))
+            else:
+                _cuda.apply_rotary_cuda(x, cos, sin, out=out, **kw)
         return
     from ..triton_kernels.rotary import apply_rotary_fwd
     if cos.stride() != sin.stride():
@@ -130,8 +148,11 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         True: write the result into ``x`` and return ``x`` (x is modified). With autograd active the result
         is computed into a new buffer and copied into x (the copy is recorded by autograd; x must not be
         a leaf that requires grad). False: x is not modified; a new contiguous tensor is returned.
-    backend : {"auto", "triton", "torch"}
-        "auto": Triton for CUDA tensors, torch for CPU tensors.
+    backend : {"auto", "triton", "torch", "cuda"}
+        "auto": Triton for CUDA tensors, torch for CPU tensors; never "cuda". "cuda": the CUDA C++
+        kernel (``csrc/rope.cu`` via ``posattn._cuda.apply_rotary_cuda``; forward, and the backward of
+        x through its ``conj`` flag), CUDA tensors in float16/bfloat16/float32 only; **not yet run on a
+        GPU**, so only an explicit request uses it.
 
     Returns
     -------
@@ -140,19 +161,20 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     Raises
     ------
     TypeError
-        Non-tensors, unsupported dtypes, cos/sin dtypes that differ, non-integer position_ids.
+        Non-tensors, unsupported dtypes (float64 with backend "triton" or "cuda"), cos/sin dtypes that
+        differ, non-integer position_ids.
     ValueError
         Wrong ranks or shapes (cos vs sin, rotary_dim > head_dim, position_ids shape), a table too short
         for the tokens (``position_ids`` values outside [0, seqlen_ro), or seqlen_ro < seqlen without
         position_ids), tensors on different devices.
     RuntimeError
-        ``backend`` cannot run here.
+        ``backend`` cannot run here (e.g. "cuda" with CPU tensors or without ``posattn._C``).
 
     Notes
     -----
     RoPE of Su et al. (arXiv 2104.09864); semantics of FlashAttention's ``apply_rotary_emb`` (flash_attn
     ``layers/rotary.py``), with ``position_ids`` in place of ``seqlen_offsets``/``cu_seqlens``. The Triton
-    kernel is not yet run on a GPU.
+    and CUDA kernels are not yet run on a GPU.
 
     Examples
     --------
@@ -200,9 +222,10 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
             if lo < 0 or hi >= seqlen_ro:
                 raise ValueError(f"position_ids: expected values in [0, seqlen_ro={seqlen_ro}) (rows of cos/sin), "
                                  f"got values in [{lo}, {hi}]")
-    name = _backends.resolve(backend, x.device, supported=("triton", "torch"), op="apply_rotary")
-    if name == "triton" and x.dtype == torch.float64:
-        raise TypeError("x: backend='triton' takes float16, bfloat16 or float32, got float64")
+    name = _backends.resolve(backend, x.device, supported=_AUTO_BACKENDS if backend == "auto" else _BACKENDS,
+                             op="apply_rotary")
+    if name in ("triton", "cuda") and x.dtype == torch.float64:
+        raise TypeError(f"x: backend={name!r} takes float16, bfloat16 or float32, got float64")
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)
     if inplace and not needs_grad:
         _launch(x, cos, sin, position_ids, interleaved, False, name, x)
