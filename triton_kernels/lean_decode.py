@@ -293,7 +293,7 @@ def _flags(device: torch.device, n: int):
 def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched, block_table=None,
                     cache_batch_idx=None, rot_cos=None, rot_sin=None, rotary_dim=0, rotary_interleaved=True,
                     alibi_slopes=None, softmax_scale, softcap=0.0, window_left=-1, window_right=-1,
-                    block_m, block_n, reduce_in_kernel=False, num_warps=4, num_stages=2) -> None:
+                    block_m, block_n, reduce_in_kernel=False, num_warps=None, num_stages=None) -> None:
     """Launch the decode kernel (and the reduction kernel when ``reduce_in_kernel`` is False).
 
     Inputs are validated by the caller (``posattn.ops.decode``); ``schedule`` is a
@@ -307,6 +307,12 @@ def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched
     Hk = k_cache.shape[2]
     group = H // Hk
     block_d = max(16, triton.next_power_of_2(D))
+    if num_warps is None:
+        # from `python -m posattn report`: with 4 warps, d256 (a [BLOCK_N, 256] K tile and a [16, 256]
+        # accumulator) spills, and so does the paged path on sm_80 (ptxas caps it at 128 registers)
+        num_warps = 8 if (block_d >= 256 or block_table is not None) else 4
+    if num_stages is None:
+        num_stages = 2
     dev = q.device
     nslots = max(schedule.num_slots, 1)
     mp = torch.empty(nslots, block_m, dtype=torch.float32, device=dev)
