@@ -56,7 +56,8 @@ FWD_CONFIGS = {
     256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
 }
 # Backward: the dk/dv kernel holds two BLOCK_N x d fp32 accumulators and the dq kernel one
-# BLOCK_M x d, so smaller tiles than the forward.
+# BLOCK_M x d, so smaller tiles than the forward. BLOCK_M / BLOCK_N / num_warps / num_stages are
+# the dk/dv kernel's; ``dq_BLOCK_M`` etc. the dq kernel's where they differ.
 BWD_CONFIGS = {
     64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
     128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -192,8 +193,11 @@ def _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off
                             slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, MASK_MODE: tl.constexpr,
-                            BIAS_MODE: tl.constexpr):
+                            BIAS_MODE: tl.constexpr, TRANSPOSED: tl.constexpr = False):
     """Logits of one [BLOCK_M, BLOCK_N] block in log2 units, -inf where not visible.
+
+    TRANSPOSED: ``qk`` is the [BLOCK_N, BLOCK_M] block ``k q^T`` and everything returned is
+    transposed the same way (the dk/dv kernel works in that orientation).
 
     Order (reference.attention): scale, softcap, positional bias, float mask, masks.
     ``qk_scale2 = softmax_scale * log2(e)``: log2(e) is folded into the scale so the softmax runs
@@ -210,13 +214,18 @@ def _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off
     else:
         th = qk
         s = qk * qk_scale2
-    rel = rel_base + (tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None])
-    keep = m_ok[:, None] & n_ok[None, :]
+    if TRANSPOSED:
+        rel = rel_base + (tl.arange(0, BLOCK_N)[:, None] - tl.arange(0, BLOCK_M)[None, :])
+        keep = n_ok[:, None] & m_ok[None, :]
+        mask_off = offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn
+    else:
+        rel = rel_base + (tl.arange(0, BLOCK_N)[None, :] - tl.arange(0, BLOCK_M)[:, None])
+        keep = m_ok[:, None] & n_ok[None, :]
+        mask_off = offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn
     if BIAS_MODE != 0:
         s += additive_bias(rel, slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance, BIAS_MODE) * LOG2E
     if MASK_MODE != 0:
-        mk = tl.load(MASK + off_b * stride_mb + off_h * stride_mh + offs_m[:, None] * stride_mm
-                     + offs_n[None, :] * stride_mn, mask=keep, other=0)
+        mk = tl.load(MASK + off_b * stride_mb + off_h * stride_mh + mask_off, mask=keep, other=0)
         if MASK_MODE == 1:
             keep = keep & (mk != 0)
         else:
@@ -228,13 +237,17 @@ def _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off
 
 
 @triton.jit
-def _dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p):
-    """Keep-mask [BLOCK_M, BLOCK_N]: Philox uniform at the element's global index >= dropout_p.
+def _dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p, TRANSPOSED: tl.constexpr = False):
+    """Keep-mask [BLOCK_M, BLOCK_N] ([BLOCK_N, BLOCK_M] if TRANSPOSED): Philox uniform at the
+    element's global index >= dropout_p.
 
     Index ``(h * rng_rows + row) * rng_cols + col`` (int64) with row the global query token
     (b * seqlen_q + i dense, the packed token varlen): forward and backward draw the same bits.
     """
-    idx = (off_h * rng_rows + rows)[:, None] * rng_cols + offs_n[None, :]
+    if TRANSPOSED:
+        idx = (off_h * rng_rows + rows)[None, :] * rng_cols + offs_n[:, None]
+    else:
+        idx = (off_h * rng_rows + rows)[:, None] * rng_cols + offs_n[None, :]
     return tl.rand(seed, idx) >= dropout_p
 
 
@@ -428,9 +441,10 @@ def _fused_attention_bwd_dkdv_kernel(
     # heads of the GQA group (the loop over g) and over the query blocks that see these keys.
     # Rotary: (dka, dkb) is first the gradient w.r.t. the rotated key (half tiles). RoPE / xPos
     # rotate k the same way for every head of the group, so the rotated k is made once and the
-    # summed gradient rotated back once at the end; learned phases differ per query head, so
-    # there each head's gradient is rotated back on its own and its angle gradient written to
-    # DPHASES_K[b, h, j] (one writer per element). Grid: (cdiv(max seqlen_k, BLOCK_N), batch * num_heads_k).
+    # summed gradient rotated back once at the end. Learned phases differ per query head: the
+    # launcher gives this kernel group == 1 then (k, v repeated per query head, dk, dv reduced over
+    # the group on the host), and the angle gradient goes to DPHASES_K[b, h, j] (one writer each).
+    # Grid: (cdiv(max seqlen_k, BLOCK_N), batch * num_heads_k).
     tl.static_assert(ROTARY_MODE == 0 or HEAD_DIM >= 32, "rotary half tiles need HEAD_DIM >= 32 (tl.dot K >= 16)")
     start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
     off_bh = tl.program_id(1).to(tl.int64)
@@ -464,10 +478,13 @@ def _fused_attention_bwd_dkdv_kernel(
         if ROTARY_MODE == 2:
             # xPos centre per key block here (any common centre cancels): the smallest key position
             xpos_center = tl.min(tl.where(n_ok, pos_k, _UNBOUNDED), 0)
+    # learned phases: the launcher runs this kernel with group == 1 (k, v repeated per query head),
+    # so head off_hk's phases are the only ones that rotate these keys
+    PHASES_BK = PHASES + off_b * stride_phb + off_hk * stride_phh
     kta = ka
     ktb = kb
-    if ROTARY_MODE == 1 or ROTARY_MODE == 2:
-        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES, stride_pht, rotary_half, rotary_scale,
+    if ROTARY_MODE != 0:
+        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
         kta, ktb = _rotated(ka, kb, ck, sk_, dtype)
 
@@ -483,14 +500,6 @@ def _fused_attention_bwd_dkdv_kernel(
         PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
         ga = dka
         gb = dkb
-        if ROTARY_MODE == 3:
-            ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
-                                     rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
-                                     HEAD_DIM // 2, FAST_TRIG)
-            kta, ktb = _rotated(ka, kb, ck, sk_, dtype)
-            # this head's gradient w.r.t. its rotated key
-            ga = tl.zeros(ka.shape, dtype=tl.float32)
-            gb = tl.zeros(kb.shape, dtype=tl.float32)
         slope = 0.0
         if BIAS_MODE == 1:
             slope = tl.load(ALIBI + off_b * stride_ab + off_h * stride_ah)
@@ -516,48 +525,48 @@ def _fused_attention_bwd_dkdv_kernel(
             # fully masked rows have lse -inf: use +inf so their (all -inf) logits give p = 0
             lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
             delta = tl.load(DELTA + off_b * stride_lb + off_h * stride_lh + rows_q * stride_lm, mask=m_ok, other=0.0)
-            qk = _qk(qa, qb, kta, ktb, DOT_PRECISION, ROTARY_MODE)
-            s, th, rel = _fused_attention_logits(qk, m_ok, n_ok, (start_n - start_m - off).to(tl.int32), offs_m,
-                                                 offs_n, off_b, off_h, qk_scale2, softcap_scale, softcap2,
-                                                 window_left, window_right, MASK, stride_mb, stride_mh, stride_mm,
-                                                 stride_mn, slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
-                                                 BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
-            p = tl.exp2(s - lse2[:, None])
-            dp = _dot(do, tl.trans(v), DOT_PRECISION)
-            pv = p
+            # transposed orientation (k q^T, [BLOCK_N, BLOCK_M]): the loop-invariant k and v are the
+            # A operands of the MMAs, split across warps, instead of B operands replicated per warp
+            qkt = _qk(kta, ktb, qa, qb, DOT_PRECISION, ROTARY_MODE)
+            st, tht, relt = _fused_attention_logits(qkt, m_ok, n_ok, (start_n - start_m - off).to(tl.int32),
+                                                    offs_m, offs_n, off_b, off_h, qk_scale2, softcap_scale,
+                                                    softcap2, window_left, window_right, MASK, stride_mb, stride_mh,
+                                                    stride_mm, stride_mn, slope, TABLE_H, stride_ti, T5_LUT,
+                                                    bias_max_distance, BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW,
+                                                    MASK_MODE, BIAS_MODE, True)
+            pt = tl.exp2(st - lse2[None, :])
+            dpt = _dot(v, tl.trans(do), DOT_PRECISION)
+            pvt = pt
             if HAS_URPE:
-                coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
-                pv = pv * coef
-                dp = dp * coef
+                coef = urpe_coef(relt, URPE_H, stride_ui, urpe_max_distance)
+                pvt = pvt * coef
+                dpt = dpt * coef
             if DROPOUT:
                 keep = _dropout_keep(seed, off_h, off_b * (seqlen_q * (1 - IS_VARLEN)) + rows_q, offs_n,
-                                     rng_rows, rng_cols, dropout_p)
-                pv = tl.where(keep, pv * dropout_scale, 0.0)
-                dp = tl.where(keep, dp * dropout_scale, 0.0)
-            dv = _dot_acc(tl.trans(pv.to(dtype)), do, dv, DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
+                                     rng_rows, rng_cols, dropout_p, True)
+                pvt = tl.where(keep, pvt * dropout_scale, 0.0)
+                dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+            dv = _dot_acc(pvt.to(dtype), do, dv, DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
             if SOFTCAP:
-                ds = ds * (1.0 - th * th)
-            dst = tl.trans((ds * sm_scale).to(dtype))
+                dst = dst * (1.0 - tht * tht)
+            dst = (dst * sm_scale).to(dtype)
             ga = _dot_acc(dst, qa, ga, DOT_PRECISION)
             if ROTARY_MODE != 0:
                 gb = _dot_acc(dst, qb, gb, DOT_PRECISION)
-        if ROTARY_MODE == 3:
-            ra, rb = rotate(ga, gb, ck, -sk_)
-            dka += ra
-            dkb += rb
-            dph = rotary_dphase(ka.to(tl.float32), kb.to(tl.float32), ga, gb, ck, sk_)
-            pair = tl.arange(0, HEAD_DIM // 2)
-            tl.store(DPHASES_K + off_b * stride_phb + off_h * stride_phh + offs_n[:, None] * stride_pht
-                     + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
-        else:
-            dka = ga
-            dkb = gb
+        dka = ga
+        dkb = gb
 
-    if ROTARY_MODE == 1 or ROTARY_MODE == 2:
+    if ROTARY_MODE != 0:
         # recomputed rather than kept live across the loops (registers)
-        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES, stride_pht, rotary_half, rotary_scale,
+        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
+        if ROTARY_MODE == 3:
+            xa, xb = _load_tiles(K_rows, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
+            dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dka, dkb, ck, sk_)
+            pair = tl.arange(0, HEAD_DIM // 2)
+            tl.store(DPHASES_K + off_b * stride_phb + off_hk * stride_phh + offs_n[:, None] * stride_pht
+                     + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
         dka, dkb = rotate(dka, dkb, ck, -sk_)
     _store_tiles(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n) * stride_dkn, n_ok, col_a, col_b,
                  head_dim, dka, dkb, ROTARY_MODE)
@@ -910,15 +919,14 @@ def _config_kind(launch) -> str:
 
 
 def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
+    """The launch config: ``configs`` entry, then the caller's overrides (which apply to the dq
+    kernel's ``dq_*`` keys too). Missing ``dq_*`` keys default to the dk/dv kernel's."""
     cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V), _config_kind(launch))
-    if block_m is not None:
-        cfg["BLOCK_M"] = int(block_m)
-    if block_n is not None:
-        cfg["BLOCK_N"] = int(block_n)
-    if num_warps is not None:
-        cfg["num_warps"] = int(num_warps)
-    if num_stages is not None:
-        cfg["num_stages"] = int(num_stages)
+    for name, val in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
+                      ("num_stages", num_stages)):
+        if val is not None:
+            cfg[name] = cfg["dq_" + name] = int(val)
+        cfg.setdefault("dq_" + name, cfg[name])
     return cfg
 
 
@@ -1025,11 +1033,12 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
                 seed=seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k)
     cfg = _blocks(BWD_CONFIGS, L, block_m, block_n, num_warps, num_stages)
-    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]  # dk/dv kernel
+    BMQ, BNQ = cfg["dq_BLOCK_M"], cfg["dq_BLOCK_N"]  # dq kernel (and the preprocess)
     pe = L.pe
     dev = q.device
     varlen = L.varlen
-    nq_blocks = triton.cdiv(L.seqlen_q, BM)
+    nq_blocks = triton.cdiv(L.seqlen_q, BMQ)
     nk_blocks = triton.cdiv(L.seqlen_k, BN)
     delta = torch.empty_like(lse)
     need_dbias = d_bias_table is not None and pe.bias_mode in (2, 3)
@@ -1047,7 +1056,7 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
             out, dout, delta, L.cu_q,
             *_row_strides(out, varlen), *_row_strides(dout, varlen), *_lse_strides(lse, varlen),
             L.num_heads, L.seqlen_q, L.head_dim_v,
-            BLOCK_M=BM, HEAD_DIM_V=L.HEAD_DIM_V, IS_VARLEN=varlen,
+            BLOCK_M=BMQ, HEAD_DIM_V=L.HEAD_DIM_V, IS_VARLEN=varlen,
         )
     if need_dph:
         dph_q = torch.zeros(pe.phases.shape, dtype=torch.float32, device=dev)
@@ -1055,17 +1064,30 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
     else:
         dph_q = dph_k = q
     common = (*L.common_args(),)
-    if nk_blocks > 0 and L.batch * L.num_heads_k > 0:
-        _fused_attention_bwd_dkdv_kernel[(nk_blocks, L.batch * L.num_heads_k)](
-            q, k, v, dout, lse, delta, dk, dv, dph_k, *L.pe_ptrs(),
-            *L.qs, *L.ks, *L.vs, *_row_strides(dout, varlen), *_lse_strides(lse, varlen),
-            *_row_strides(dk, varlen), *_row_strides(dv, varlen),
+    kk, vv, dkk, dvv, heads_k, group = k, v, dk, dv, L.num_heads_k, L.group
+    if L.rotary_mode == 3 and group > 1:
+        # learned phases rotate the keys differently for every query head: the dk/dv kernel then
+        # runs per query head (k, v repeated, group 1) into fp32 buffers reduced over the group here
+        # (fixed order: deterministic). Extra memory: k and v repeated, dk and dv in fp32, x group.
+        ax = 1 if varlen else 2
+        kk, vv = k.repeat_interleave(group, dim=ax), v.repeat_interleave(group, dim=ax)
+        dkk = torch.empty(kk.shape, dtype=torch.float32, device=dev)
+        dvv = torch.empty(vv.shape, dtype=torch.float32, device=dev)
+        heads_k, group = L.num_heads, 1
+    if nk_blocks > 0 and L.batch * heads_k > 0:
+        _fused_attention_bwd_dkdv_kernel[(nk_blocks, L.batch * heads_k)](
+            q, kk, vv, dout, lse, delta, dkk, dvv, dph_k, *L.pe_ptrs(),
+            *L.qs, *_row_strides(kk, varlen), *_row_strides(vv, varlen), *_row_strides(dout, varlen),
+            *_lse_strides(lse, varlen), *_row_strides(dkk, varlen), *_row_strides(dvv, varlen),
             *common,
-            L.num_heads, L.num_heads_k, L.group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset,
+            L.num_heads, heads_k, group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset,
             L.bottom_right, *L.scalars(True),
             BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
+    if dkk is not dk:
+        dk.copy_(dkk.unflatten(ax, (L.num_heads_k, L.group)).sum(ax + 1))
+        dv.copy_(dvv.unflatten(ax, (L.num_heads_k, L.group)).sum(ax + 1))
     bias_tb = _next_pow2(2 * L.bias_md + 1) if need_dbias else 16
     urpe_tb = _next_pow2(2 * L.urpe_md + 1) if need_durpe else 16
     n_prog = nq_blocks * L.batch * L.num_heads
@@ -1079,10 +1101,10 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
             *common,
             L.num_heads, L.group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset, L.bottom_right,
             *L.scalars(True),
-            BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(),
-            NEED_DBIAS=need_dbias, NEED_DURPE=need_durpe, DIAG=_next_pow2(BM + BN - 1),
+            BLOCK_M=BMQ, BLOCK_N=BNQ, **L.constexprs(),
+            NEED_DBIAS=need_dbias, NEED_DURPE=need_durpe, DIAG=_next_pow2(BMQ + BNQ - 1),
             BIAS_TABLE_BLOCK=bias_tb, URPE_TABLE_BLOCK=urpe_tb,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["dq_num_warps"], num_stages=cfg["dq_num_stages"],
         )
     # per-program partials -> per-head tables (fixed-order sums: deterministic)
     if need_dbias:
