@@ -19,12 +19,17 @@ except Exception:  # pragma: no cover
     _HAS_TRITON = False
 
 if _HAS_TRITON:
-    from posattn.triton_kernels.ecoformer import _popcount32
+    from posattn.triton_kernels.ecoformer import _popcount32, _tf32_head
 
     @triton.jit
     def _popcount_kernel(X, OUT, BLOCK: tl.constexpr):
         offs = tl.arange(0, BLOCK)
         tl.store(OUT + offs, _popcount32(tl.load(X + offs)))
+
+    @triton.jit
+    def _tf32_head_kernel(X, OUT, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(OUT + offs, _tf32_head(tl.load(X + offs)))
 
 needs_triton = pytest.mark.skipif(not _HAS_TRITON, reason="triton not installed")
 
@@ -100,6 +105,8 @@ CASES = [  # (batch, heads, heads_k, seqlen_q, seqlen_k, num_bits, head_dim_v, c
     (1, 2, 1, 65, 130, 16, 8, True, False, "consistent"),
     (2, 2, 2, 70, 70, 13, 16, False, True, "reference-code"),
     (1, 4, 2, 70, 70, 16, 16, True, True, "reference-code"),
+    (1, 2, 1, 70, 70, 33, 72, True, True, "consistent"),        # Triton: 2 d_v tiles, 2 bit tiles
+    (1, 1, 1, 20, 20, 1100, 8, True, False, "consistent"),      # Triton: weights > 2048 split for tf32
 ]
 
 
@@ -196,6 +203,34 @@ def test_triton_popcount_bit_tricks():
     out = torch.empty_like(x)
     _popcount_kernel[(1,)](x, out, BLOCK=256)
     assert torch.equal(out.to(torch.int64), R.popcount(x))
+
+
+def _tf32_round(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> tf32 (10 explicit mantissa bits), round to nearest, ties away (cvt.rna.tf32.f32)."""
+    bits = x.view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+@pytest.mark.interp
+@needs_triton
+def test_triton_tf32_split_products():
+    # The interpreter's tl.dot is exact fp32, so the tf32 rounding of the tensor cores is emulated here:
+    # the head must be exact in tf32 (a no-op under rounding), head + tail must give x back, and a @ x
+    # from tf32(head) and tf32(tail) must be within ~2^-20 of fp64 for operands a exact in tf32.
+    x = torch.randn(4096) * torch.logspace(-20, 20, 4096)
+    x[:3] = torch.tensor([0.0, -0.0, 1.0])
+    head = torch.empty_like(x)
+    _tf32_head_kernel[(1,)](x, head, BLOCK=4096)
+    assert torch.equal(_tf32_round(head), head)
+    assert torch.equal(head + (x - head), x)
+    assert ((x - head).abs() <= x.abs() * 2.0**-10).all()
+    a = (torch.randint(0, 2, (64, 4096)) * 2 - 1).float()                # +-1 codes
+    exact = a.double() @ x.double()
+    split = a.double() @ (_tf32_round(head).double() + _tf32_round(x - head).double())
+    scale = a.abs().double() @ x.abs().double()
+    assert ((split - exact).abs() <= 2.0**-20 * scale).all()
+    plain = a.double() @ _tf32_round(x).double()                        # plain tf32 would fail the bound
+    assert ((plain - exact).abs() > 2.0**-20 * scale).any()
 
 
 def test_padding_and_empty_rows(device):
