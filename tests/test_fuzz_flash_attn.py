@@ -93,6 +93,7 @@ def _fa_case(data, backend):
             out, lse, _ = posattn.flash_attn_func(qa, ka, va, **kw)
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
+        assert out.requires_grad, "out is detached from the inputs' graph"
         check_close(out, ro, dtype, name="out", cond=cond)
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond)
         dout = values(out.shape, dtype, "unit", gen)

@@ -115,6 +115,7 @@ def _sdpa_case(data, backend):
         out = posattn.scaled_dot_product_attention(qa, ka, va, attn_mask=ma, is_causal=is_causal, scale=scale,
                                                    enable_gqa=enable_gqa, position=position, backend=backend)
         assert out.dtype == dtype
+        assert out.requires_grad, "out is detached from the inputs' graph"
         out4 = out.reshape(B, H, Sq, Dv)
         check_close(out4, ro, dtype, name="out", cond=cond)
         dout = values(out4.shape, dtype, "unit", gen)

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
+from posattn.flash_attn_interface import normalize_window
 from fuzz_helpers import (DTYPES, LAYOUTS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged, check_close,
                           grad_floor, grads, heads, logit_cond, poisoned_allocations, position_spec, snapshot,
                           values, with_layout)
@@ -61,7 +62,8 @@ def _varlen_case(data, backend):
     if all(a <= b for a, b in zip(lens_q, lens_k)):
         allow += ["rope", "phase"]
     position, leaves = draw(position_spec(batch=1, heads=H, seqlen_q=0, seqlen_k=total_k, head_dim=D, offset=0,
-                                          gen=gen, learnable_alibi=not triton, allow=tuple(allow)), label="position")
+                                          gen=gen, learnable_alibi=not triton, allow=tuple(allow), dynamic=False),
+                                label="position")
     # drawn for batch 1 over the packed axis: position_ids (total_k,) / (1, total_k), freqs (1, H, total_k);
     # per-sequence ALiBi slopes are (batch_size, H)
     for p in (position if isinstance(position, list) else [position]):
@@ -82,8 +84,10 @@ def _varlen_case(data, backend):
     v = values((total_k, Hk, D), dtype, "unit" if kind == "tiny" else kind, gen)
     cond = logit_cond(q, k, scale, softcap=softcap)
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    # FlashAttention's varlen rule: a window side >= max_seqlen_k (the argument) is unbounded
+    left, right = normalize_window((wl, wr), causal, max_k)
     ro, rl = R.varlen_attention(q64, k64, v64, cu_q, cu_k, softmax_scale=scale, causal=causal,
-                                window_size=(wl, 0 if causal else wr), softcap=softcap, alibi_slopes=alibi,
+                                window_size=(left, right), softcap=softcap, alibi_slopes=alibi,
                                 position=position)
     qp, kp, vp = q.clone(), k.clone(), v.clone()   # rows past cu_seqlens[-1] belong to no sequence
     qp[sum(lens_q):], kp[sum(lens_k):], vp[sum(lens_k):] = pad_fill, -pad_fill, pad_fill
@@ -108,6 +112,7 @@ def _varlen_case(data, backend):
             out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
+        assert out.requires_grad, "out is detached from the inputs' graph"
         check_close(out, ro, dtype, name="out", cond=cond)
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond)
         dout = values(out.shape, dtype, "unit", gen)
