@@ -244,3 +244,411 @@ def test_schedule_block_n_matches_kernel():
     # the launcher and the simulator share default_block_n; a CTA count above the tiles is allowed
     s = lean_schedule([5], num_heads_k=1, block_n=default_block_n(64), num_ctas=9)
     assert s.num_tiles == 1 and s.loads().count(1) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# backend "cuda": csrc/lean_decode.cu through posattn._cuda.lean_decode_cuda (explicit only). The gpu tests
+# compare with the float64 reference on CUDA tensors; not yet run on a GPU at the time of writing.
+# ------------------------------------------------------------------------------------------------
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _decode_case(device, *, dtype=torch.float16, B=2, Sq=1, H=4, Hk=2, D=64, S=40, kc=None, vc=None):
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=dtype) if kc is None else kc
+    vc = torch.randn(B, S, Hk, D, device=device, dtype=dtype) if vc is None else vc
+    k = torch.randn(B, Sq, Hk, D, device=device, dtype=dtype)
+    v = torch.randn(B, Sq, Hk, D, device=device, dtype=dtype)
+    cs = torch.tensor([S - 2 * Sq, 5][:B], dtype=torch.int32, device=device)
+    return q, kc, vc, k, v, cs
+
+
+@pytest.mark.parametrize("kw", [{}, dict(causal=True), dict(window_size=(-1, 0)), dict(alibi_slopes="slopes"),
+                                dict(position="rope"), dict(cache_batch_idx="idx")],
+                         ids=["plain", "causal", "causal_window", "alibi", "rope", "cache_batch_idx"])
+def test_cuda_backend_on_cpu_tensors_raises(kw):
+    """Supported options pass the argument checks and then fail on the device (CPU tensors), before any write."""
+    q, kc, vc, k, v, cs = _decode_case("cpu")
+    kw = dict(kw)
+    if kw.get("alibi_slopes") == "slopes":
+        kw["alibi_slopes"] = torch.rand(q.shape[2])
+    if kw.get("position") == "rope":
+        kw["position"] = RoPE()
+    if kw.get("cache_batch_idx") == "idx":
+        kw["cache_batch_idx"] = torch.tensor([1, 0], dtype=torch.int32)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        posattn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, backend="cuda", **kw)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]), "cache written before the error"
+
+
+def _cuda_bad_cases():
+    f16 = dict(dtype=torch.float16)
+    B, S, Hk, D = 2, 40, 2, 64
+    misaligned = torch.randn(B * S * Hk * D + 1, **f16)[1:].view(B, S, Hk, D)    # data 2 bytes past 16
+    return [
+        ("q", TypeError, dict(dtype=torch.float32), {}),
+        ("q", ValueError, dict(D=32), {}),
+        ("softcap", ValueError, {}, dict(softcap=1.5)),
+        ("window_size", ValueError, {}, dict(window_size=(16, -1))),
+        ("window_size", ValueError, {}, dict(window_size=(-1, 3))),
+        ("window_size", ValueError, {}, dict(window_size=(8, 0), causal=True)),
+        ("k_cache", ValueError, dict(kc=torch.randn(B, S, Hk, 2 * D, **f16)[..., ::2]), {}),   # last stride 2
+        ("v_cache", ValueError, dict(vc=torch.randn(B, S, Hk, D + 4, **f16)[..., :D]), {}),   # stride 68
+        ("k_cache", ValueError, dict(kc=misaligned), {}),
+    ]
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_cuda_unsupported_options_raise_before_any_write(i):
+    """What the CUDA kernel lacks is a ValueError/TypeError naming the argument (checked without a device)."""
+    name, exc, case_kw, call_kw = _cuda_bad_cases()[i]
+    q, kc, vc, k, v, cs = _decode_case("cpu", **case_kw)
+    before = kc.clone(), vc.clone()
+    with pytest.raises(exc, match=f"{name}: backend='cuda'"):
+        posattn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, backend="cuda", **call_kw)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1]), "cache written before the error"
+
+
+def test_auto_never_offers_cuda(monkeypatch):
+    """Policy: "cuda" is registered (last) but not a candidate of backend="auto" (not yet run on a GPU)."""
+    from posattn import _backends, ops_registry
+    assert ops_registry.OPS["kvcache_decode"][1][-1] == "cuda"
+    seen = {}
+    real = _backends.resolve
+
+    def spy(backend, device, *, supported, op):
+        seen[backend] = tuple(supported)
+        return real(backend, device, supported=supported, op=op)
+
+    monkeypatch.setattr(_backends, "resolve", spy)
+    q, kc, vc, _, _, cs = _decode_case("cpu", dtype=torch.float32)
+    posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cs)
+    with pytest.raises(RuntimeError, match="backend='cuda'"):
+        posattn.flash_attn_with_kvcache(q.half(), kc.half(), vc.half(), cache_seqlens=cs, backend="cuda")
+    assert "cuda" not in seen["auto"] and "cuda" in seen["cuda"]
+
+
+@pytest.mark.gpu
+def test_gpu_auto_does_not_use_cuda_kernel(monkeypatch, device):
+    from posattn import _backends, _cuda
+
+    def boom(*a, **k):
+        raise AssertionError("backend='auto' called the CUDA C++ decode kernel")
+
+    monkeypatch.setattr(_cuda, "lean_decode_cuda", boom)
+    monkeypatch.setattr(_backends, "triton_available", lambda dev: False)
+    q, kc, vc, k, v, cs = _decode_case(device)
+    _run(q, kc, vc, backend="auto", k=k, v=v, cache_seqlens=cs)
+
+
+def _spy_inv_freq(monkeypatch):
+    """Record, per launch, whether q was rotated inside the CUDA kernel (inv_freq given)."""
+    from posattn import _cuda
+    seen = []
+    real = _cuda.lean_decode_cuda
+
+    def spy(*a, **k):
+        seen.append(k.get("inv_freq") is not None)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_cuda, "lean_decode_cuda", spy)
+    return seen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("schedule", ["lean", "split", "single"])
+def test_gpu_cuda_append_rotary_tables_gqa_alibi(dtype, schedule, monkeypatch, device):
+    """Append (k rotated from tables), GQA 8/2, ALiBi, interleaved tables: q is rotated on the host."""
+    seen = _spy_inv_freq(monkeypatch)
+    B, H, Hk, D, S = 3, 8, 2, 64, 200
+    q = torch.randn(B, 1, H, D, device=device, dtype=dtype)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    k, v = torch.randn(B, 1, Hk, D, device=device, dtype=dtype), torch.randn(B, 1, Hk, D, device=device, dtype=dtype)
+    ang = torch.rand(S + 1, 16, device=device) * 6
+    cos, sin = ang.cos(), ang.sin()
+    cs = torch.tensor([129, 0, 57], dtype=torch.int32, device=device)
+    slopes = torch.rand(H, device=device)
+    _, _, kc2, vc2 = _run(q, kc, vc, backend="cuda", k=k, v=v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=cs,
+                          alibi_slopes=slopes, schedule=schedule, num_splits=3, num_ctas=4)
+    assert seen == [False]
+    for b, L in enumerate(cs.tolist()):
+        kr = R._kv_rotate(k[b], cos[L:L + 1], sin[L:L + 1], True)
+        assert_close(kc2[b, L], kr[0], dtype, name="appended k")
+        assert torch.equal(vc2[b, L], v[b, 0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128, 256])
+@pytest.mark.parametrize("G", [1, 3, 7, None])
+def test_gpu_cuda_ragged_grid_sizes(D, G, device):
+    """Lengths 0, 1, BLOCK_N - 1, BLOCK_N + 1, 2 BLOCK_N + 5; the result does not depend on the grid."""
+    from posattn import _cuda
+    bn = _cuda.lean_decode_tile_sizes(D)[1]
+    lens = [0, 1, bn - 1, bn + 1, 2 * bn + 5]
+    q = torch.randn(len(lens), 1, 4, D, device=device, dtype=torch.float16)
+    kc = torch.randn(len(lens), 2 * bn + 8, 2, D, device=device, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    cs = torch.tensor(lens, dtype=torch.int32, device=device)
+    o, lse, _, _ = _run(q, kc, vc, backend="cuda", cache_seqlens=cs, schedule="lean", num_ctas=G)
+    o1, _, _, _ = _run(q, kc, vc, backend="cuda", cache_seqlens=cs, schedule="lean", num_ctas=1)
+    assert (o.float() - o1.float()).abs().max().item() <= 2e-3
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and bool((lse[0] == -math.inf).all())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("D", [128, 256])
+def test_gpu_cuda_rope_in_kernel_past_70k(interleaved, D, monkeypatch, device):
+    """RoPE object, causal, seqlen_new == seqlen_q: q rotated inside the kernel from inv_freq."""
+    seen = _spy_inv_freq(monkeypatch)
+    B, Sq, H, Hk = 2, 2, 8, 2
+    lens = [70_001, 517]
+    S = max(lens) + Sq
+    q = torch.randn(B, Sq, H, D, device=device, dtype=torch.bfloat16)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    k, v = torch.randn_like(kc[:, :Sq]), torch.randn_like(kc[:, :Sq])
+    rope = RoPE(theta=10000.0, interleaved=interleaved)
+    cos, sin = R.rope_cos_sin(torch.arange(S, device=device), rope.inv_freq(D, device))
+    cs = torch.tensor(lens, dtype=torch.int32, device=device)
+    _run(q, kc, vc, backend="cuda", k=k, v=v, cache_seqlens=cs, position=rope, causal=True,
+         ref_kwargs=dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved))
+    assert seen == [True]
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_rope_flash_rule_rotates_on_host(monkeypatch, device):
+    """Non-causal, no append: FlashAttention puts q at cache_seqlens, not at its attention position."""
+    seen = _spy_inv_freq(monkeypatch)
+    B, H, Hk, D, S = 2, 4, 4, 64, 300
+    q = torch.randn(B, 1, H, D, device=device, dtype=torch.float16)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    rope = RoPE(theta=500.0)
+    cos, sin = R.rope_cos_sin(torch.arange(S + 1, device=device), rope.inv_freq(D, device))
+    cs = torch.tensor([S, 77], dtype=torch.int32, device=device)
+    _run(q, kc, vc, backend="cuda", cache_seqlens=cs, position=rope,
+         ref_kwargs=dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False))
+    assert seen == [False]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["paged", "cache_batch_idx"])
+def test_gpu_cuda_paged_and_cache_batch_idx(layout, device):
+    dt = torch.float16
+    if layout == "paged":
+        B, Sq, H, Hk, D, page, nblk = 3, 2, 4, 2, 128, 16, 40
+        q = torch.randn(B, Sq, H, D, device=device, dtype=dt)
+        kc = torch.randn(nblk, page, Hk, D, device=device, dtype=dt)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nblk, device=device)[:B * 12].reshape(B, 12).to(torch.int32)
+        k, v = torch.randn(B, Sq, Hk, D, device=device, dtype=dt), torch.randn(B, Sq, Hk, D, device=device, dtype=dt)
+        cs = torch.tensor([150, 15, 0], dtype=torch.int32, device=device)
+        _, _, kc2, _ = _run(q, kc, vc, backend="cuda", k=k, v=v, cache_seqlens=cs, block_table=bt, causal=True,
+                            schedule="lean", num_ctas=3)
+        assert torch.equal(kc2[bt[0, 150 // page], 150 % page], k[0, 0])
+    else:
+        B, Sq, H, Hk, D, S = 2, 1, 6, 3, 128, 150
+        q = torch.randn(B, Sq, H, D, device=device, dtype=dt)
+        kc = torch.randn(B + 1, S, Hk, D, device=device, dtype=dt)
+        vc = torch.randn_like(kc)
+        k, v = torch.randn(B, Sq, Hk, D, device=device, dtype=dt), torch.randn(B, Sq, Hk, D, device=device, dtype=dt)
+        cs = torch.tensor([140, 3], dtype=torch.int32, device=device)
+        idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
+        _, _, kc2, _ = _run(q, kc, vc, backend="cuda", k=k, v=v, cache_seqlens=cs, cache_batch_idx=idx,
+                            schedule="split", num_splits=2)
+        assert torch.equal(kc2[2, 140], k[0, 0]) and torch.equal(kc2[1], kc[1])
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_alibi_object_mqa(device):
+    B, H, Hk, D = 2, 4, 1, 64
+    q = torch.randn(B, 1, H, D, device=device, dtype=torch.bfloat16)
+    kc = torch.randn(B, 90, Hk, D, device=device, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    slopes = torch.rand(B, H, device=device)
+    cs = torch.tensor([90, 33], dtype=torch.int32, device=device)
+    _run(q, kc, vc, backend="cuda", cache_seqlens=cs, position=ALiBi(slopes), ref_kwargs=dict(alibi_slopes=slopes))
+    _run(q, kc, vc, backend="cuda", cache_seqlens=cs, position=ALiBi(),
+         ref_kwargs=dict(alibi_slopes=R.alibi_slopes(H)))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_grid_limits_raise_before_any_write(device):
+    """num_ctas above _C.lean_decode_max_ctas, or a single/split grid larger than it: ValueError, cache intact."""
+    from posattn import _backends
+    m = int(_backends.load_C().lean_decode_max_ctas(64, "float16"))
+    q, kc, vc, k, v, cs = _decode_case(device)
+    before = kc.clone()
+    with pytest.raises(ValueError, match="num_ctas"):
+        posattn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, backend="cuda", num_ctas=m + 1)
+    B, Hk = m // 8 + 1, 8                      # one KV tile per (b, kv head): single grid = B * 8 > m CTAs
+    q2 = torch.randn(B, 1, Hk, 64, device=device, dtype=torch.float16)
+    kc2 = torch.randn(B, 8, Hk, 64, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="schedule"):
+        posattn.flash_attn_with_kvcache(q2, kc2, kc2.clone(), cache_seqlens=4, backend="cuda", schedule="single")
+    assert torch.equal(kc, before)
+
+
+def _emulate_lean_decode(calls):
+    """A float64 CPU stand-in for ``_cuda.lean_decode_cuda`` written from its documented contract (docs/INTERNALS.md
+    "CUDA launchers"): query i of batch b at ``seqlens_k[b] - seqlen_q + i``, RoPE on q there from ``inv_freq``
+    (fp32 angles), paged keys via ``block_table``, causal ``j <= pq``, ALiBi ``-slope |pk - pq|``, empty batches
+    out 0 / lse -inf. It checks the wiring of backend "cuda", not the CUDA kernel."""
+    from posattn import _cuda
+
+    def fake(q, k_cache, v_cache, seqlens_k, schedule, *, softmax_scale=None, causal=False, block_table=None,
+             alibi_slopes=None, inv_freq=None, rotary_interleaved=False, out=None, lse=None, workspace=None):
+        B, N, H, D = q.shape
+        Hk = k_cache.shape[2]
+        g = H // Hk
+        lens = seqlens_k.tolist()
+        assert seqlens_k.dtype == torch.int32 and out is not None and lse is not None
+        bn = _cuda.lean_decode_tile_sizes(D)[1]
+        n_m = -(-(N * g) // 16)
+        want_tiles = sum(Hk * n_m * -(-L // bn) for L in lens)
+        assert schedule.num_tiles == want_tiles, "schedule not built with the kernel's tile sizes"
+        calls.append(dict(num_ctas=schedule.num_ctas, inv_freq=inv_freq is not None, causal=causal,
+                          block_table=None if block_table is None else block_table.clone()))
+        for b, L in enumerate(lens):
+            if L == 0:
+                out[b], lse[b] = 0, -math.inf
+                continue
+            j = torch.arange(L)
+            if block_table is not None:
+                page = k_cache.shape[1]
+                blk = block_table[b].long()[j // page]
+                kk, vv = k_cache[blk, j % page], v_cache[blk, j % page]
+            else:
+                kk, vv = k_cache[b, :L], v_cache[b, :L]
+            kk = kk.double().repeat_interleave(g, dim=1)
+            vv = vv.double().repeat_interleave(g, dim=1)
+            pq = L - N + torch.arange(N)
+            qq = q[b].double()
+            if inv_freq is not None:
+                ang = pq.float()[:, None] * inv_freq.float()[None, :]
+                qq = R.apply_rotary(qq, ang.cos().double()[:, None], ang.sin().double()[:, None], rotary_interleaved)
+            s = torch.einsum("nhd,jhd->hnj", qq, kk) * softmax_scale
+            if alibi_slopes is not None:
+                sl = (alibi_slopes[b] if alibi_slopes.dim() == 2 else alibi_slopes).double()
+                s = s - sl[:, None, None] * (pq[:, None] - j[None, :]).abs().double()
+            if causal:
+                s = s.masked_fill(j[None, :] > pq[:, None], -math.inf)
+            out[b] = torch.einsum("hnj,jhd->nhd", s.softmax(-1), vv).to(out.dtype)
+            lse[b] = s.logsumexp(-1).float()
+        return out, lse
+
+    return fake
+
+
+class _FakeC:
+    """posattn._C with a device-free ``lean_decode_max_ctas`` (the real one needs a GPU)."""
+
+    def __init__(self, max_ctas):
+        import importlib
+        self._real = importlib.import_module("posattn._C")
+        self.max_ctas = max_ctas
+
+    def lean_decode_max_ctas(self, head_dim, dtype):
+        assert dtype in ("float16", "bfloat16")
+        return self.max_ctas
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """backend="cuda" on CPU tensors with the kernel replaced by ``_emulate_lean_decode``."""
+    pytest.importorskip("posattn._C")
+    from posattn import _backends, _cuda
+    calls = []
+    fake_c = _FakeC(max_ctas=6)
+    monkeypatch.setattr(_backends, "cuda_ext_available", lambda dev: True)
+    monkeypatch.setattr(_backends, "load_C", lambda build=True: fake_c)
+    monkeypatch.setattr(_cuda, "lean_decode_cuda", _emulate_lean_decode(calls))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["tables_alibi_gqa", "rope_in_kernel_causal", "rope_flash_rule", "paged_causal",
+                                  "cache_batch_idx_alibi_obj", "ragged_empty_split", "window_causal_mqa_single"])
+def test_cuda_wiring_emulated(case, emulated_cuda):
+    """The op's "cuda" path (arguments, RoPE position rule, cache_batch_idx as pages, schedule, CTA cap) against
+    the float64 reference, with the kernel emulated on CPU from its contract. Not a test of the CUDA kernel."""
+    dt = torch.float16
+    B, Sq, H, Hk, D, S = 3, 1, 8, 2, 64, 150
+    kw, ref_kw, sched_kw = {}, {}, dict(schedule="lean")
+    expect_inv, bt = False, None
+    lens = [129, 0, 57]
+    if case == "rope_in_kernel_causal":
+        Sq, D, S, lens = 2, 128, 300, [290, 3, 0]
+        rope = RoPE(theta=10000.0, interleaved=False)
+        cos, sin = R.rope_cos_sin(torch.arange(S), rope.inv_freq(D, "cpu"))
+        kw = dict(position=rope, causal=True)
+        ref_kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+        expect_inv = True
+    elif case == "rope_flash_rule":   # Sq = 2 non-causal: FlashAttention rotates every q at cache_seqlens
+        Sq, lens = 2, [100, 7, 31]
+        rope = RoPE(theta=1000.0, interleaved=True, rotary_dim=32)
+        cos, sin = R.rope_cos_sin(torch.arange(S), rope.inv_freq(D, "cpu"))
+        kw = dict(position=rope)
+        ref_kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=True)
+    elif case == "tables_alibi_gqa":
+        ang = torch.rand(S, 16) * 6
+        kw = dict(rotary_cos=ang.cos(), rotary_sin=ang.sin(), alibi_slopes=torch.rand(H))
+        sched_kw = dict(schedule="lean", num_ctas=4)
+    elif case == "ragged_empty_split":
+        H, Hk, D, lens = 4, 1, 256, [0, 1, 65, 129]     # MQA; 4 split CTAs <= the emulated cap of 6
+        B = 4
+        sched_kw = dict(schedule="split", num_splits=2)
+    elif case == "window_causal_mqa_single":
+        Sq, Hk, lens = 3, 1, [40, 120, 9]
+        kw = dict(window_size=(-1, 0))
+        sched_kw = dict(schedule="single")
+    q = torch.randn(B, Sq, H, D, dtype=dt)
+    if case == "paged_causal":
+        page, nblk = 16, 40
+        kc = torch.randn(nblk, page, Hk, D, dtype=dt)
+        bt = torch.randperm(nblk)[:B * 12].reshape(B, 12).to(torch.int32)
+        kw = dict(block_table=bt, causal=True)
+        Sq, lens = 2, [150, 15, 0]
+        q = torch.randn(B, Sq, H, D, dtype=dt)
+    else:
+        kc = torch.randn(B + 1, S, Hk, D, dtype=dt)
+    if case == "cache_batch_idx_alibi_obj":
+        idx = torch.tensor([3, 0, 2], dtype=torch.int32)
+        slopes = torch.rand(B, H)
+        kw = dict(cache_batch_idx=idx, position=ALiBi(slopes))
+        ref_kw = dict(alibi_slopes=slopes)
+    elif case != "paged_causal":
+        kc = kc[:B]
+    vc = torch.randn_like(kc)
+    k, v = torch.randn(B, Sq, Hk, D, dtype=dt), torch.randn(B, Sq, Hk, D, dtype=dt)
+    cs = torch.tensor([L - Sq if L >= Sq else 0 for L in lens], dtype=torch.int32) if case != "ragged_empty_split" \
+        else torch.tensor(lens, dtype=torch.int32)
+    append = {} if case in ("ragged_empty_split", "rope_flash_rule") else dict(k=k, v=v)
+    o, lse, kc2, vc2 = _run(q, kc, vc, backend="cuda", cache_seqlens=cs, ref_kwargs=ref_kw, **append, **kw, **sched_kw)
+    (call,) = emulated_cuda
+    assert call["inv_freq"] == expect_inv
+    assert call["num_ctas"] <= 6, "grid above _C.lean_decode_max_ctas"
+    assert call["causal"] == (kw.get("causal", False) or kw.get("window_size") == (-1, 0))
+    if case == "cache_batch_idx_alibi_obj":
+        assert torch.equal(call["block_table"], idx[:, None])
+        assert torch.equal(kc2[1], kc[1]), "a cache row no sequence owns was written"
+    if case == "ragged_empty_split":
+        assert torch.equal(o[0], torch.zeros_like(o[0])) and bool((lse[0] == -math.inf).all())
+
+
+def test_cuda_num_ctas_over_device_limit_emulated(emulated_cuda):
+    q, kc, vc, k, v, cs = _decode_case("cpu")
+    before = kc.clone()
+    with pytest.raises(ValueError, match="num_ctas: backend='cuda'"):
+        posattn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, backend="cuda", num_ctas=7)
+    q2 = torch.randn(4, 1, 4, 64, dtype=torch.float16)                     # 4 x 2 output tiles, one CTA each
+    kc2 = torch.randn(4, 8, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="schedule: 'single'"):
+        posattn.flash_attn_with_kvcache(q2, kc2, kc2.clone(), cache_seqlens=5, backend="cuda", schedule="single")
+    assert torch.equal(kc, before) and not emulated_cuda

@@ -3,10 +3,12 @@ head, RoPE and ALiBi fused.
 
 Semantics copied from FlashAttention 2.x ``flash_attn_with_kvcache``; schedule from LeanAttention
 (Sanovar et al., arXiv 2405.10480; ALGORITHMS.md section 1); partition in ``posattn.scheduling``;
-kernel in ``posattn.triton_kernels.lean_decode``.
+kernels in ``posattn.triton_kernels.lean_decode`` (backend "triton") and ``csrc/lean_decode.cu`` through
+``posattn._cuda.lean_decode_cuda`` (backend "cuda", explicit only; not yet run on a GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,12 +16,17 @@ import torch
 from .. import _backends
 from .. import reference as _ref
 from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_float, check_int, check_same, check_tensor,
-                       check_window)
+                       check_window, dtype_name)
 from ..ops_registry import register
 
 __all__ = ["flash_attn_with_kvcache"]
 
 _SCHEDULES = ("lean", "split", "single")
+# "cuda" is never picked by backend="auto": the CUDA C++ kernel has not yet run on a GPU, and only a
+# GPU benchmark may promote it; an explicit backend="cuda" uses it.
+_AUTO_BACKENDS = ("triton", "torch")
+_BACKENDS = ("triton", "torch", "cuda")
+_CUDA_HEAD_DIMS = (64, 128, 256)
 _CHUNK = 4096   # keys per step of the torch backend (bounds its memory to O(chunk x heads x seqlen_q))
 
 
@@ -105,14 +112,30 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         GPU partition: stream-K over (batch x kv head x KV tile) (``lean``), FlashDecoding's fixed
         splits (``split``), one CTA per (batch, kv head) (``single``). All run the same kernel. The
         torch backend ignores it (exact chunked attention).
-    backend : {"auto", "triton", "torch"}, default "auto" (keyword)
-        "auto": Triton on CUDA tensors, torch on CPU. "triton" on CPU needs TRITON_INTERPRET=1.
+    backend : {"auto", "triton", "torch", "cuda"}, default "auto" (keyword)
+        "auto": Triton on CUDA tensors, torch on CPU; never "cuda". "triton" on CPU needs
+        TRITON_INTERPRET=1. "cuda": the CUDA C++ LeanAttention kernel (``csrc/lean_decode.cu`` via
+        ``posattn._cuda.lean_decode_cuda``; **not yet run on a GPU**, so only an explicit request
+        uses it), CUDA tensors only. It supports fp16/bf16, head_dim 64/128/256, contiguous or paged
+        caches and ``cache_batch_idx`` (run as a one-page-per-row paged cache), GQA/MQA, ``causal``,
+        RoPE and ALiBi, all three schedules. It does not support ``softcap`` > 0 or a window other
+        than the causal one (ValueError naming the argument); the caches must have a unit last-dim
+        stride, 16-byte aligned data and other strides that are multiples of 8 elements (ValueError
+        naming ``k_cache``/``v_cache``). q is rotated inside the kernel when ``position`` is a RoPE
+        without YaRN attention factor and q's rotary positions equal its attention positions
+        (``cache_seqlens + seqlen_new - seqlen_q + i``, e.g. ``causal`` with seqlen_new ==
+        seqlen_q); otherwise q is rotated on the host in fp32 (rounded to q's dtype) first.
     num_ctas : int or None (keyword)
         ``schedule="lean"``: grid size G (None: ``scheduling.lean_schedule``'s choice for
-        2 CTAs per SM). The result does not depend on G beyond fp32 rounding.
+        2 CTAs per SM; with backend "cuda", for ``_C.lean_decode_max_ctas(head_dim, dtype)``
+        co-resident CTAs). The result does not depend on G beyond fp32 rounding. Backend "cuda":
+        at most ``_C.lean_decode_max_ctas(head_dim, dtype)``, else ValueError.
     reduce : {"separate", "kernel"}, default "separate" (keyword)
         Where split tiles are merged: a second deterministic kernel ("separate"), or the host CTA
         inside the decode kernel with epoch flags ("kernel"; GPU only, **not yet run on a GPU**).
+        Backend "cuda" always merges inside its kernel (host CTA, epoch flags, cooperative
+        launch) and ignores this option; a "split"/"single" grid larger than the co-resident CTAs
+        raises ValueError naming ``schedule``.
     out : Tensor (batch_size, seqlen_q, num_heads, head_dim) or None (keyword)
         Output buffer (q's dtype and device); returned.
 
@@ -124,15 +147,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     Raises
     ------
     TypeError
-        Wrong types or dtypes (e.g. cache_seqlens not int32).
+        Wrong types or dtypes (e.g. cache_seqlens not int32; q not fp16/bf16 with backend "cuda").
     ValueError
         Shape conflicts, head counts that do not divide, cache_seqlens (plus seqlen_new) beyond the
-        cache, block_table entries out of range, rotary tables too short, bad options. Every check
-        runs before any write: the cache is never written out of bounds.
+        cache, block_table entries out of range, rotary tables too short, bad options, what
+        backend "cuda" does not support (head_dim, softcap, window_size, cache layout, num_ctas or
+        a schedule grid over the co-resident CTAs). Every check runs before any write: the cache
+        is never written out of bounds.
     NotImplementedError
         ``cache_leftpad``.
     RuntimeError
-        An explicit backend that cannot run here.
+        An explicit backend that cannot run here (e.g. backend="cuda" with CPU tensors or without
+        ``posattn._C``).
 
     Examples
     --------
@@ -153,6 +179,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             _append(a, k_cache, v_cache, k, v, block_table, cache_batch_idx)
         if a["backend"] == "triton":
             _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx)
+        elif a["backend"] == "cuda":
+            _run_cuda(a, q, k_cache, v_cache, block_table, cache_batch_idx)
         else:
             _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx)
     return (a["out"], a["lse"]) if return_softmax_lse else a["out"]
@@ -279,6 +307,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         raise ValueError("rotary_cos, rotary_sin: give both or neither")
     interleaved = rotary_interleaved
     rot_q = rot_k = None      # fp32 (B, Sq, r/2) and (B, s_new, r/2) pairs of (cos, sin)
+    rope_inv = None           # fp32 inv_freq of a RoPE without attention factor (backend "cuda" rotates q in-kernel)
     qpos = torch.tensor(lens, dtype=torch.int64)[:, None] + (torch.arange(Sq)[None, :] if (causal or local)
                                                             else torch.zeros(1, Sq, dtype=torch.int64))
     kpos = torch.tensor(lens, dtype=torch.int64)[:, None] + torch.arange(s_new)[None, :]
@@ -306,6 +335,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         rot_q = ((cq * fac).float(), (sq * fac).float())
         rot_k = ((ck * fac).float(), (sk * fac).float())
         interleaved = rope.interleaved
+        rope_inv = inv.float() if float(fac) == 1.0 else None
     else:
         rotary_dim = 0
     if alibi_obj is not None:
@@ -319,7 +349,11 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         d.check("out", out, ("batch_size", "seqlen_q", "num_heads", "head_dim"))
     else:
         out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
-    be = _backends.resolve(backend, dev, supported=("triton", "torch"), op="flash_attn_with_kvcache")
+    if backend == "cuda":   # argument checks first: they need no device
+        _check_cuda_args(q, k_cache, v_cache, softcap, window_size, left, right)
+    be = _backends.resolve(backend, dev, supported=_AUTO_BACKENDS if backend == "auto" else _BACKENDS,
+                           op="flash_attn_with_kvcache")
+    cuda_schedule = _cuda_schedule(q, Hk, seqlens_k, schedule, num_splits, num_ctas) if be == "cuda" else None
     if reduce == "kernel" and be == "triton":
         # the host CTA spins on flags of later CTAs: every CTA must be resident at once
         if dev.type != "cuda":
@@ -332,7 +366,8 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     return dict(B=B, Sq=Sq, H=H, Hk=Hk, D=D, lens=lens, seqlens_k=seqlens_k, s_new=s_new, scale=scale,
                 left=left, right=right, softcap=softcap, rotary_dim=rotary_dim, interleaved=interleaved,
                 rot_q=rot_q, rot_k=rot_k, alibi=alibi_slopes, schedule=schedule, num_splits=num_splits,
-                num_ctas=num_ctas, reduce=reduce, out=out, lse=lse, backend=be, paged=paged)
+                num_ctas=num_ctas, reduce=reduce, out=out, lse=lse, backend=be, paged=paged, qpos=qpos,
+                rope_inv=rope_inv, cuda_schedule=cuda_schedule)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,4 +499,90 @@ def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
                                   torch.full_like(l, -math.inf))
 
 
-register("kvcache_decode", "posattn.ops.decode", ("triton", "torch"))
+# ------------------------------------------------------------------------------------------------
+# backend "cuda": csrc/lean_decode.cu through posattn._cuda (not yet run on a GPU)
+# ------------------------------------------------------------------------------------------------
+def _check_cuda_args(q, k_cache, v_cache, softcap, window_size, left, right):
+    """What the CUDA C++ kernel cannot do; raised before any write and before any device query."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q: backend='cuda' takes float16 or bfloat16, got {dtype_name(q.dtype)}")
+    D = q.shape[-1]
+    if D not in _CUDA_HEAD_DIMS:
+        raise ValueError(f"q: backend='cuda' supports head_dim 64, 128 or 256, got {D}")
+    if softcap > 0:
+        raise ValueError(f"softcap: backend='cuda' does not support softcap > 0, got {softcap}; "
+                         f"use backend='triton' or 'torch'")
+    if left != -1 or right not in (-1, 0):
+        raise ValueError(f"window_size: backend='cuda' supports no window (-1, -1) or the causal one (-1, 0), got "
+                         f"{tuple(window_size)} (({left}, {right}) with causal); use backend='triton' or 'torch'")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st % 8 for st in t.stride()[:3]):
+            raise ValueError(f"{name}: backend='cuda' needs a unit last-dim stride, 16-byte aligned data and other "
+                             f"strides that are multiples of 8 elements, got strides {tuple(t.stride())} and data "
+                             f"{t.data_ptr() % 16} bytes past a 16-byte boundary")
+
+
+def _on_device(dev: torch.device):
+    """Make ``dev`` current (the kernel's occupancy query and cooperative launch use the current device)."""
+    return torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def _cuda_schedule(q, Hk, seqlens_k, schedule, num_splits, num_ctas):
+    """The schedule of the CUDA kernel (its tile sizes; grid <= co-resident CTAs), or None if nothing to run."""
+    from .. import _cuda
+    from ..scheduling import make_schedule
+
+    B, Sq, H, D = q.shape
+    if B == 0 or Sq == 0 or H == 0:
+        return None
+    dt = "float16" if q.dtype == torch.float16 else "bfloat16"
+    with _on_device(q.device):
+        max_ctas = int(_backends.load_C().lean_decode_max_ctas(D, dt))
+    if num_ctas is not None and num_ctas > max_ctas:
+        raise ValueError(f"num_ctas: backend='cuda' launches cooperatively, at most {max_ctas} co-resident CTAs "
+                         f"(_C.lean_decode_max_ctas({D}, {dt!r})), got {num_ctas}")
+    block_m, block_n = _cuda.lean_decode_tile_sizes(D)
+    n_m = -(-(Sq * (H // Hk)) // block_m)
+    sched = make_schedule(schedule, seqlens_k, num_heads_k=Hk, block_n=block_n, num_m_blocks=n_m,
+                          num_splits=num_splits, num_ctas=num_ctas, max_ctas=max_ctas, num_sms=_num_sms(q.device))
+    if sched.num_ctas > max_ctas:
+        raise ValueError(f"schedule: {schedule!r} needs {sched.num_ctas} CTAs, more than the {max_ctas} that "
+                         f"backend='cuda' keeps co-resident; use schedule='lean' (or a smaller num_splits)")
+    return sched
+
+
+def _run_cuda(a, q, k_cache, v_cache, block_table, cache_batch_idx):
+    """One launch of ``_cuda.lean_decode_cuda`` (in-kernel reduction); the append already happened."""
+    from .. import _cuda
+
+    B, Sq = a["B"], a["Sq"]
+    if a["cuda_schedule"] is None:
+        return
+    dev = q.device
+    seqlens = torch.tensor(a["seqlens_k"], dtype=torch.int64)
+    inv_freq = None
+    if a["rotary_dim"]:
+        # the kernel rotates q at its attention position seqlens_k - seqlen_q + i from inv_freq; FlashAttention's
+        # rule may put q elsewhere (and tables/YaRN factors are not inv_freq): then rotate on the host
+        kernel_pos = seqlens[:, None] - Sq + torch.arange(Sq)[None, :]
+        if a["rope_inv"] is not None and torch.equal(a["qpos"].expand(B, Sq).to(torch.int64), kernel_pos):
+            inv_freq = a["rope_inv"]
+        else:
+            q = _rotate(q.float(), a["rot_q"][0], a["rot_q"][1], a["interleaved"]).to(q.dtype)
+    if cache_batch_idx is not None:
+        # cache row cache_batch_idx[b] as the single page (page_block_size = seqlen_cache) of sequence b
+        block_table = cache_batch_idx.reshape(B, 1)
+    if block_table is not None:
+        block_table = block_table.to(torch.int32).contiguous()
+    out = a["out"]
+    target = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=dev)
+    with _on_device(dev):
+        _cuda.lean_decode_cuda(q, k_cache, v_cache, seqlens.to(device=dev, dtype=torch.int32), a["cuda_schedule"],
+                               softmax_scale=a["scale"], causal=a["right"] == 0, block_table=block_table,
+                               alibi_slopes=a["alibi"], inv_freq=inv_freq, rotary_interleaved=a["interleaved"],
+                               out=target, lse=a["lse"])
+    if target is not out:
+        out.copy_(target)
+
+
+register("kvcache_decode", "posattn.ops.decode", _BACKENDS)   # "cuda" last and never chosen by "auto"
