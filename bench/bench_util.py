@@ -1,4 +1,4 @@
-"""pytest-benchmark suites of the CPU paths (``pytest bench/ --benchmark-only``); not part of the test
+"""Helpers of the pytest-benchmark suites of the CPU paths (``pytest bench/ --benchmark-only``); not part of the test
 command (``testpaths = ["tests"]``). Cases come from the same harness as ``python -m posattn bench``,
 so a regression shows up by comparing saved runs::
 

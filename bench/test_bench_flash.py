@@ -3,7 +3,7 @@ causal and not, seqlen 128 and 256), fwd and bwd, posattn's torch backend vs tor
 import pytest
 import torch
 
-from conftest import case_id, run_benchmark
+from bench_util import case_id, run_benchmark
 from posattn.benchmarks import suites
 
 _DEV = torch.device("cpu")

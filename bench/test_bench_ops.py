@@ -3,7 +3,7 @@ CPU baseline, grouped per op and shape so posattn and the baseline sit side by s
 import pytest
 import torch
 
-from conftest import case_id, run_benchmark
+from bench_util import case_id, run_benchmark
 from posattn.benchmarks import suites
 
 _DEV = torch.device("cpu")
