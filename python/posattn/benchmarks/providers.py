@@ -116,7 +116,7 @@ def _dense_bias(p: DenseProblem, pe) -> torch.Tensor:
     """(1, H, Sq, Sk) additive bias in q's dtype, -inf above the diagonal when causal."""
     from posattn import reference
     bias = reference.position_bias(pe, batch_size=1, num_heads=p.heads, seqlen_q=p.seqlen_q,
-                                   seqlen_k=p.seqlen_k, offset=0, device=p.device, dtype=p.dtype)
+                                   seqlen_k=p.seqlen_k, offset=0, device=p.device, dtype=p.dtype).to(p.dtype)
     if p.causal:
         keep = torch.ones(p.seqlen_q, p.seqlen_k, dtype=torch.bool, device=p.device).tril()
         bias = bias.masked_fill(~keep, float("-inf"))

@@ -29,7 +29,7 @@ import torch
 
 import posattn
 
-from .harness import Absent, Case, absent_case, attention_flops
+from .harness import Absent, Case, absent_case
 from .providers import (MODES, DenseProblem, baseline_provider, default_providers, dense_cases, flash_hidden,
                         flash_shapes)
 
