@@ -464,9 +464,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                       causal, window_size, softcap, alibi_slopes, deterministic, position)
     if not isinstance(return_attn_probs, bool):
         raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
-    which = resolve(backend, q.device, supported=("triton", "cuda", "torch"), op="varlen_attention")
-    if which == "cuda" and backend == "auto":  # no GPU measurement yet: auto never picks the CUDA kernel
-        which = "triton"
+    # no GPU measurement yet: "auto" never picks the CUDA kernel (an explicit backend="cuda" does)
+    candidates = ("triton", "torch") if backend == "auto" else ("triton", "cuda", "torch")
+    which = resolve(backend, q.device, supported=candidates, op="varlen_attention")
     need_lse_grad = return_attn_probs and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad)
     if which == "torch":
