@@ -10,12 +10,18 @@ attention (torch SDPA) over sequence lengths, and the cost of ``KernelizedHash.f
 "torch-sdpa", "fit"), ``seqlen``, ``batch`` (1), ``heads`` (2), ``head_dim`` (64), ``num_bits`` (16),
 ``causal`` (False), ``dtype`` ("float32"), ``device`` ("cpu"), ``mode`` ("fwd" or "fwd_bwd").
 Times are medians of repeated calls after a warm-up; nothing is asserted. The rows carry the device
-name, versions and git sha (printed above the table).
+name, versions and git sha (printed above the table). On CPU a second column gives the median CPU
+time of the calling thread (``time.thread_time``; with 1 torch thread all the work runs there): on a
+shared machine the wall time of a long call includes the time other processes held the core, which a
+short call often escapes, so wall-time ratios between lengths are biased upward under load; the CPU
+time is not (cache and memory contention still show in it).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 
 import torch
 
@@ -95,30 +101,44 @@ def main(argv=None) -> int:
         return 0
 
     causals = {"no": [False], "yes": [True], "both": [False, True]}[args.causal]
-    print(f"\n| causal | seqlen | provider | mode | median ms | p20-p80 ms | peak MB | max err | vs sdpa |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n| causal | seqlen | provider | mode | median ms | p20-p80 ms | cpu ms | peak MB | max err | vs sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for causal in causals:
         times: dict[tuple, float] = {}
+        cpu_times: dict[tuple, float] = {}
         for n in args.seqlens:
             for prov in args.providers:
                 cfg = dict(provider=prov, seqlen=n, causal=causal, device=args.device, mode=args.mode)
                 if prov == "torch-sdpa" and n > args.max_exact:
-                    print(f"| {causal} | {n} | {prov} | {args.mode} | skipped (> --max-exact) | | | | |")
+                    print(f"| {causal} | {n} | {prov} | {args.mode} | skipped (> --max-exact) | | | | | |")
                     continue
                 fn, _ = setup(cfg)
                 out = fn()
                 err = f"{_check(cfg, out.detach()):.1e}" if args.check and prov != "torch-sdpa" else ""
-                t = harness.time_fn(fn, dev, min_time_s=0.5, max_reps=20)
+                cpu: list[float] = []
+
+                def timed(fn=fn, cpu=cpu):
+                    c0 = time.thread_time()
+                    fn()
+                    cpu.append((time.thread_time() - c0) * 1e3)
+                t = harness.time_fn(timed, dev, min_time_s=0.5, max_reps=20)
+                cpu_ms = statistics.median(cpu[1:] or cpu) if dev.type == "cpu" else None   # cpu[0]: warm-up
+                if cpu_ms is not None:
+                    cpu_times[(n, prov)] = cpu_ms
                 mem = f"{harness.peak_memory(fn, dev) / 2**20:.1f}" if args.memory else ""
                 times[(n, prov)] = t.median_ms
                 ratio = times.get((n, "torch-sdpa"))
                 ratio = f"{ratio / t.median_ms:.2f}x" if ratio and prov != "torch-sdpa" else ""
+                cpu_s = f"{cpu_ms:.2f}" if cpu_ms is not None else ""
                 print(f"| {causal} | {n} | {prov} | {args.mode} | {t.median_ms:.2f} | {t.p20_ms:.2f}-{t.p80_ms:.2f} "
-                      f"| {mem} | {err} | {ratio} |", flush=True)
+                      f"| {cpu_s} | {mem} | {err} | {ratio} |", flush=True)
         for prov in args.providers:
             if (65536, prov) in times and (8192, prov) in times:
+                cpu_r = ""
+                if (65536, prov) in cpu_times and (8192, prov) in cpu_times:
+                    cpu_r = f", CPU time {cpu_times[(65536, prov)] / cpu_times[(8192, prov)]:.2f}"
                 print(f"\n{prov} causal={causal}: time(64k)/time(8k) = {times[(65536, prov)] / times[(8192, prov)]:.2f} "
-                      f"(linear: 8)")
+                      f"wall{cpu_r} (linear: 8)")
     return 0
 
 

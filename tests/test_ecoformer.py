@@ -179,6 +179,43 @@ def test_gradcheck_torch_backend_fp64():
         torch.testing.assert_close(out, _ecoformer_torch(q, k, v, keep, causal=causal, ref_form=False))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_backend_chunk_boundaries(causal, grad, dtype):
+    # The default chunks (128 causal, >= 256 rows otherwise) exceed the op-level test lengths, so force
+    # short chunks: several full chunks, a partial last one, seqlen_q != seqlen_k both ways, GQA,
+    # padding incl. a batch with every key padded, and both forms. Without autograd the chunks are
+    # written into one preallocated output (``emit``), with it they are concatenated: both are checked.
+    from posattn.ops.ecoformer import _ecoformer_torch
+    for M, N, form in [(70, 70, "consistent"), (70, 70, "reference-code"), (45, 83, "consistent"),
+                       (83, 45, "consistent")]:
+        q, k = rand_codes(2, 4, M, 9), rand_codes(2, 2, N, 9)
+        v = torch.randn(2, 2, N, 5).to(dtype)
+        mask = rand_mask(2, N)
+        mask[1] = True
+        mask[0, :2] = True                                 # the first queries see no key when causal
+        keep = (~mask).float()
+        if grad:
+            q.requires_grad_()
+        with torch.set_grad_enabled(grad):
+            out = _ecoformer_torch(q, k, v, keep, causal=causal, ref_form=form == "reference-code", chunk=16)
+        ref = R.ecoformer_pairwise(q.detach(), k, v, causal=causal, key_padding_mask=mask, form=form)
+        assert out.dtype == dtype and out.requires_grad == grad
+        assert_close(out, ref, dtype)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_torch_backend_hugepage_hint_keeps_data():
+    # The MADV_HUGEPAGE hint on large fresh outputs is advisory: the buffer must behave as any other.
+    from posattn.ops.ecoformer import _madvise_hugepage
+    t = torch.empty(3 * 2**20 + 77)                        # > 8 MiB, not 2 MiB-aligned in size
+    _madvise_hugepage(t)
+    x = torch.randn(t.shape)
+    t.copy_(x)
+    assert torch.equal(t, x)
+
+
 @pytest.mark.interp
 @needs_triton
 @pytest.mark.parametrize("causal", [False, True])

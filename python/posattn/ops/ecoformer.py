@@ -24,10 +24,18 @@ FORMS = ("consistent", "reference-code")
 _WORD_BITS = {torch.int32: 32, torch.int64: 64}
 _CODE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _V_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Chunk length of the torch backend's causal prefix scan: a (chunk x chunk) pairwise tile per step.
-# 256 was fastest of 64/128/256 on CPU at 4k tokens, 16 bits, d 64 (1 thread: 28 / 45 / 58 ms for
-# 256 / 128 / 64): fewer Python steps outweigh the larger tile.
-_TORCH_CHUNK = 256
+# torch backend chunking (CPU; issue 8: time grows linearly, time(64k) / time(8k) <= 10).
+# Causal: the query/key chunk of the prefix scan, a (chunk x chunk) pairwise tile per step. CPU time,
+# 1 thread, 16 bits, d 64, 2 heads, after the rewrite below: 8k tokens 21.5 / 15.9 / 17.8 / 36.2 ms and
+# 64k tokens 164 / 132 / 146 / 250 ms for chunks 64 / 128 / 256 / 512 (fewer Python steps vs a
+# larger quadratic tile).
+_TORCH_CAUSAL_CHUNK = 128
+# Non-causal: rows per step chosen so that one step's block of (rows x (d_v + 1)) fp32 values over
+# all heads is ~1 MiB, so each chunk's intermediates are still in L2 when the next op reads them
+# (one pass over v, q and out in memory instead of one per op).
+_TORCH_CHUNK_ELEMS = 1 << 18
+_HUGEPAGE_MIN_BYTES = 8 << 20
+_MADVISE = None
 
 
 def _check_pm1(arg: str, codes: torch.Tensor) -> None:
@@ -156,64 +164,141 @@ def _pack_int32(words: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # torch backend: memory-bounded (never N x N), differentiable by torch autograd.
 
-def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int = _TORCH_CHUNK):
-    """q (B, H, M, b), k (B, Hk, N, b) float codes; v (B, Hk, N, d); keep (B, N) float or None."""
+def _madvise_hugepage(t: torch.Tensor) -> None:
+    """Ask Linux for transparent huge pages under a fresh large CPU tensor, before it is first written.
+
+    A fresh 32 MiB output (64k tokens x 2 heads x 64 fp32) is mmap-ed by malloc on every call, and the
+    first write faults in 8192 4-KiB pages: ~14 ms of a ~35 ms call here (1 thread), while at 8k tokens
+    malloc reuses already-mapped memory. With MADV_HUGEPAGE (THP in "madvise" mode, the common default;
+    what ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation) the same write takes ~3.5 ms.
+    Advisory only: on any failure, or off Linux, nothing happens."""
+    global _MADVISE
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < _HUGEPAGE_MIN_BYTES:
+        return
+    if _MADVISE is None:
+        _MADVISE = False
+        try:
+            import ctypes
+            import sys
+            if sys.platform.startswith("linux"):
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+                libc.madvise.restype = ctypes.c_int
+                _MADVISE = libc.madvise
+        except (OSError, AttributeError):
+            pass
+    if _MADVISE:
+        huge, madv_hugepage = 2 << 20, 14
+        lo = -(-t.data_ptr() // huge) * huge               # the 2 MiB-aligned interior of the buffer
+        hi = (t.data_ptr() + nbytes) // huge * huge
+        if hi > lo:
+            _MADVISE(lo, hi - lo, madv_hugepage)
+
+
+def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int | None = None):
+    """q (B, H, M, b), k (B, Hk, N, b) float codes; v (B, Hk, N, d); keep (B, N) float (0/1) or None.
+
+    Differentiable by torch autograd. Memory O((M + N) d) plus O(b d) state per head; with ``chunk``
+    None the chunk lengths above. The state is kept as the matrix T = [S | z] (b, d+1) and the row
+    [(b+1) s | (b+1) n], so one matrix product per query chunk gives numerator and denominator together:
+    ``[num | den] = q_c T + [(b+1) s | (b+1) n]``. Causal adds the pairwise diagonal tile and then folds
+    the chunk's keys into the state (``S += k_c^T v_c``, one GEMM). Without autograd the chunks are
+    divided and written straight into the output (one write of it); with autograd they are
+    concatenated."""
     cdt = torch.float64 if v.dtype == torch.float64 else torch.float32
     B, H, M, nb = q.shape
     Hk, N, d = k.shape[1], k.shape[2], v.shape[-1]
     G = H // Hk
     C = nb + 1.0
+    dev = v.device
     q5 = q.to(cdt).reshape(B, Hk, G, M, nb)
     kk, vv = k.to(cdt), v.to(cdt)
-    keep4 = (torch.ones(B, N, dtype=cdt, device=v.device) if keep is None else keep.to(cdt))[:, None, :, None]
-    # A query with no visible key has num = 0 (or (b+1) v_i) and den = 0: dividing by +inf there
-    # gives exactly 0. In-place adds/divides keep the passes over the (M, d) output few (the op is
-    # memory-bound on CPU at long lengths).
-    inf = torch.tensor(float("inf"), dtype=cdt, device=v.device)
+    keep_c = None if keep is None else keep.to(cdt)
+    kd = kk if keep_c is None else kk * keep_c[:, None, :, None]   # codes of padded keys zeroed
+    track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    out = None
+    if not track:
+        out = torch.empty(B, Hk, G, M, d, dtype=v.dtype, device=dev)
+        _madvise_hugepage(out)
+    outs = []
+    # A query with no visible key has den = 0 exactly (every term is 0; otherwise den >= #visible >= 1)
+    # and num = 0 or (b+1) v_i: dividing by +inf there gives exactly 0.
+    inf = torch.tensor(float("inf"), dtype=cdt, device=dev)
+
+    def emit(c0, c1, num, den, may_be_empty=True):
+        if may_be_empty:
+            den = torch.where(den == 0, inf, den)
+        if out is None:
+            outs.append(num / den)
+        elif out.dtype == cdt:
+            torch.div(num, den, out=out[:, :, :, c0:c1])
+        else:
+            out[:, :, :, c0:c1].copy_(num.div_(den))
+
+    def key_chunk(c0, c1):
+        """(S, z, s, n) of keys c0..c1-1: S = k^T v (one GEMM), z = sum k, s = sum keep v, n = sum keep."""
+        kc, vc = kd[:, :, c0:c1], vv[:, :, c0:c1]
+        if keep_c is None:
+            s_c, n_c = vc.sum(2), float(c1 - c0)
+        else:
+            mc = keep_c[:, c0:c1]
+            s_c, n_c = (mc[:, None, None, :] @ vc)[:, :, 0], mc.sum(1)[:, None]
+        return kc.transpose(-1, -2) @ vc, kc.sum(2), s_c, n_c
+
+    def state_matrix(S, z, s, n, n_zero_inf=False):
+        """T = [S | z] (B, Hk, 1, b, d+1) and the row [(b+1) s | (b+1) n] (B, Hk, 1, 1, d+1); with
+        ``n_zero_inf`` a batch with no kept key gets den = +inf (its z is 0), so its queries give 0."""
+        T = torch.cat([S, z[..., None]], -1)[:, :, None]
+        cn = C * n
+        if n_zero_inf:
+            cn = torch.where(n == 0, inf, cn)
+        bias = torch.cat([torch.zeros_like(s) if ref_form else C * s, cn.reshape(-1, 1, 1).expand(B, Hk, 1)], -1)
+        return T, bias[:, :, None, None]
+
+    def query_chunk(c0, c1, T, bias):
+        """[num | den] (B, Hk, G, rows, d+1) of queries c0..c1-1 against the state."""
+        R = q5[:, :, :, c0:c1] @ T
+        R = R + bias if track else R.add_(bias)
+        num, den = R[..., :d], R[..., d:]
+        if ref_form:  # the authors' code: + (b+1) v_i, the query's own value (needs M == N)
+            num = num + C * vv[:, :, None, c0:c1]
+        return num, den
+
+    zeros = lambda *shape: torch.zeros(*shape, dtype=cdt, device=dev)      # noqa: E731
+    S, z, s, n = zeros(B, Hk, nb, d), zeros(B, Hk, nb), zeros(B, Hk, d), zeros(B, 1)   # n: kept keys per batch
     if not causal:
-        km, vm = (kk, vv) if keep is None else (kk * keep4, vv * keep4)
-        S = km.transpose(-1, -2) @ vm                                 # (B, Hk, b, d)
-        z = km.sum(2)                                                 # (B, Hk, b)
-        s = vm.sum(2)                                                 # (B, Hk, d)
-        n = keep4.sum(2).reshape(B, 1, 1, 1, 1)
-        num = q5 @ S[:, :, None]                                      # (B, Hk, G, M, d)
-        den = q5 @ z[:, :, None, :, None] + C * n                     # (B, Hk, G, M, 1)
-        num = num.add_(C * (vv[:, :, None, :M] if ref_form else s[:, :, None, None, :]))
-        out = num.div_(torch.where(n > 0, den, inf))
+        step = chunk or max(256, _TORCH_CHUNK_ELEMS // max(1, B * Hk * (d + 1)))
+        for c0 in range(0, N, step):
+            dS, dz, ds, dn = key_chunk(c0, min(c0 + step, N))
+            S, z, s, n = S + dS, z + dz, s + ds, n + dn
+        T, bias = state_matrix(S, z, s, n, n_zero_inf=True)
+        step = chunk or max(64, _TORCH_CHUNK_ELEMS // max(1, B * H * (d + 1)))
+        for c0 in range(0, max(M, 1), step):   # M = 0: one empty step keeps the result in the graph
+            c1 = min(c0 + step, M)
+            emit(c0, c1, *query_chunk(c0, c1, T, bias), may_be_empty=False)
     else:
-        P = max(M, N)
-        pad = lambda t, L: torch.nn.functional.pad(t, (0, 0, 0, P - L))
-        if M != N:  # pad the shorter side to P positions (padded keys are masked out)
-            q5, kk, vv, keep4 = (torch.nn.functional.pad(q5, (0, 0, 0, P - M)), pad(kk, N), pad(vv, N),
-                                 pad(keep4, N))
-        S = q5.new_zeros(B, Hk, nb, d)
-        z = q5.new_zeros(B, Hk, nb)
-        s = q5.new_zeros(B, Hk, d)
-        n = q5.new_zeros(B, 1, 1)
-        outs = []
-        for c0 in range(0, M, chunk):
-            c1 = min(c0 + chunk, P)
-            L = c1 - c0
-            qc, kc, vc, mc = q5[:, :, :, c0:c1], kk[:, :, c0:c1], vv[:, :, c0:c1], keep4[:, :, c0:c1]
-            tri = torch.ones(L, L, dtype=cdt, device=v.device).tril()
-            vis = tri * mc[:, :, None, :, 0][:, :, :, None, :]        # (B, 1, 1, L, L): j <= i, not padded
-            dots = torch.einsum("bhgic,bhjc->bhgij", qc, kc)
-            w = (dots + C) * vis
-            num_c = torch.einsum("bhgmc,bhcd->bhgmd", qc, S) + ((dots * vis) if ref_form else w) @ vc[:, :, None]
-            if ref_form:
-                num_c = num_c + C * vc[:, :, None]
-            else:
-                num_c = num_c + C * s[:, :, None, None, :]
-            den_c = torch.einsum("bhgmc,bhc->bhgm", qc, z) + C * n[..., None] + w.sum(-1)
-            n_vis = n[..., None] + vis.sum(-1)
-            outs.append(num_c / torch.where(n_vis > 0, den_c, inf)[..., None])
-            kcm, vcm = kc * mc, vc * mc
-            S = S + kcm.transpose(-1, -2) @ vcm
-            z = z + kcm.sum(2)
-            s = s + vcm.sum(2)
-            n = n + mc.sum(2)
-        out = torch.cat(outs, 3)[:, :, :, :M]
-    return out.reshape(B, H, M, d).to(v.dtype)
+        step = chunk or _TORCH_CAUSAL_CHUNK
+        for c0 in range(0, max(M, 1), step):   # M = 0: one empty step keeps the result in the graph
+            c1, ck1 = min(c0 + step, M), min(c0 + step, N)   # keys past M are never visible (j <= i < M)
+            num, den = query_chunk(c0, c1, *state_matrix(S, z, s, n))   # keys before the chunk, via the state
+            if ck1 > c0:
+                # the diagonal tile, pairwise: w_ij = h_i . h_j + (b+1) for c0 <= j <= i (tril of the tile)
+                w = q5[:, :, :, c0:c1] @ kk[:, :, None, c0:ck1].transpose(-1, -2)
+                w = torch.tril(w + C) if track else w.add_(C).tril_()
+                if keep_c is not None:
+                    w = w * keep_c[:, None, None, None, c0:ck1]
+                den = den + w.sum(-1, keepdim=True)
+                if ref_form:
+                    w = w - C * (w != 0)                  # the authors' numerator drops the (b+1) v_j term
+                num = num + w @ vv[:, :, None, c0:ck1]
+                dS, dz, ds, dn = key_chunk(c0, ck1)
+                S, z, s, n = S + dS, z + dz, s + ds, n + dn
+            emit(c0, c1, num, den)
+    if out is not None:
+        return out.reshape(B, H, M, d)
+    res = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
+    return res.reshape(B, H, M, d).to(v.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
