@@ -31,7 +31,8 @@ INV_TWO_PI = tl.constexpr(0.15915494309189535)
 
 @triton.jit
 def reduce_angle(a):
-    """``a - 2 pi k`` in [-pi, pi] (up to one rounding), ``k = round(a / 2 pi)``; a fp32.
+    """``a - 2 pi k``, ``k = round(a / 2 pi)``; a fp32. In [-pi, pi] up to the fp32 rounding of
+    ``a / 2 pi`` that picks k (|result| <= pi + 2**-23 |a|, e.g. pi + 0.12 at a = 1e6).
 
     Cody-Waite with a two-constant split of 2 pi and fused multiply-adds. Why it is accurate:
     for |a| >= 4, ``a`` and ``k * TWO_PI_HI`` are both multiples of 2**-21 (TWO_PI_HI has 24 bits
@@ -193,17 +194,19 @@ def toeplitz_accumulate(acc, x, base, max_distance,
 
     x: fp32 [BLOCK_M, BLOCK_N], zero wherever it must not count; ``rel = base + j - i``.
     acc: fp32 [TABLE_BLOCK], TABLE_BLOCK >= 2D + 1. Deterministic and atomic-free: the block is
-    skewed with ``tl.gather`` so that each of its BLOCK_M + BLOCK_N - 1 diagonals becomes a column
-    (``diag[t] = sum_i x[i, i + t - (BLOCK_M - 1)]``, rel = base + t - (BLOCK_M - 1)), then the
-    diagonals inside (-D, D) are gathered into their bins and the rest summed into the two edge
-    bins. This is the gradient of a Toeplitz table (RelativeBias, T5 before bucketing, URPE).
+    skewed with ``tl.gather`` along its rows so that each of its BLOCK_M + BLOCK_N - 1 diagonals
+    becomes a row of a [DIAG, BLOCK_N] tile (``diag[t] = sum_j x[j + (BLOCK_M - 1) - t, j]``,
+    rel = base + t - (BLOCK_M - 1)), then the diagonals inside (-D, D) are gathered into their bins
+    and the rest summed into the two edge bins. This is the gradient of a Toeplitz table
+    (RelativeBias, T5 before bucketing, URPE). The skewed tile is DIAG x BLOCK_N (not
+    BLOCK_M x DIAG): the dq kernel's BLOCK_N is the small side, which keeps it in registers.
     """
-    ii = tl.arange(0, BLOCK_M)
+    jj = tl.arange(0, BLOCK_N)
     t = tl.arange(0, DIAG)
-    col = ii[:, None] + t[None, :] - (BLOCK_M - 1)
-    ok = (col >= 0) & (col < BLOCK_N)
-    y = tl.gather(x, tl.where(ok, col, 0), 1)
-    diag = tl.sum(tl.where(ok, y, 0.0), 0)
+    row = jj[None, :] + (BLOCK_M - 1) - t[:, None]
+    ok = (row >= 0) & (row < BLOCK_M)
+    y = tl.gather(x, tl.where(ok, row, 0), 0)
+    diag = tl.sum(tl.where(ok, y, 0.0), 1)
     rel_t = base + t - (BLOCK_M - 1)
     t_ok = t < BLOCK_M + BLOCK_N - 1
     lo = tl.sum(tl.where(t_ok & (rel_t <= -max_distance), diag, 0.0), 0)
