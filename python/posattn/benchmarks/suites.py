@@ -140,11 +140,9 @@ def apply_rotary_cases(size: str, device: torch.device, dtype: torch.dtype, mode
     cases = [Case(op, shape, "torch eager", eager, dt, note="baseline: reference rotate in fp32", **kw)]
     for backend in ("triton", "torch", "cuda"):
         prov = f"posattn-{backend}"
-        if backend == "cuda":
-            cases.append(absent_case(op, shape, prov, "rope.cu is not wired into apply_rotary yet", dtype=dt, **kw))
-            continue
-        if backend == "triton" and not cuda:
-            cases.append(absent_case(op, shape, prov, "Triton needs a CUDA device here", dtype=dt, **kw))
+        if backend != "torch" and not cuda:
+            why = "Triton needs a CUDA device here" if backend == "triton" else "the _C kernels need a CUDA device"
+            cases.append(absent_case(op, shape, prov, why, dtype=dt, **kw))
             continue
 
         def fn(backend=backend):
@@ -258,15 +256,16 @@ def decode_cases(size: str, device: torch.device, dtype: torch.dtype, modes=None
         kw = dict(bytes=2 * B * ctx * Hk * D * dtype.itemsize, x=ctx, series=series)
         cases.append(Case(op, shape, "sdpa", sdpa, dt, check=check, note="baseline: whole cache", **kw))
         cases.append(Case(op, shape, "flash_attn", flash, dt, check=check, baseline="sdpa", **kw))
-        backend = "triton" if cuda else "torch"
-        for sched in ("lean", "split", "single"):
-            def fn(sched=sched, inputs=inputs):
-                q, kc, vc, sl = inputs()
-                return (lambda: posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=sl, schedule=sched,
-                                                                backend=backend)), ()
-            cases.append(Case(op, shape, f"posattn-{backend} {sched}", fn, dt, check=check, baseline="sdpa", **kw))
-        cases.append(absent_case(op, shape, "posattn-cuda", "lean_decode_cuda is not wired into the op yet",
-                                 dtype=dt, **kw))
+        for backend in (("triton", "cuda") if cuda else ("torch",)):
+            for sched in ("lean", "split", "single"):
+                def fn(sched=sched, inputs=inputs, backend=backend):
+                    q, kc, vc, sl = inputs()
+                    return (lambda: posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=sl, schedule=sched,
+                                                                    backend=backend)), ()
+                cases.append(Case(op, shape, f"posattn-{backend} {sched}", fn, dt, check=check, baseline="sdpa",
+                                  **kw))
+        if not cuda:
+            cases.append(absent_case(op, shape, "posattn-cuda", "the _C kernels need a CUDA device", dtype=dt, **kw))
     return cases
 
 
