@@ -511,6 +511,61 @@ def test_triton_kernels_compile_for_sm90():
     assert "compiled 2" in res.stdout
 
 
+def test_cuda_backend_is_never_chosen_by_auto(monkeypatch):
+    from posattn import _backends
+    seen = []
+    real = _backends.resolve
+
+    def spy(backend, device, *, supported, op="op"):
+        seen.append((backend, supported))
+        return real(backend, device, supported=supported, op=op)
+    monkeypatch.setattr(_backends, "resolve", spy)
+    q, v = rand_codes(1, 2, 5, 8), torch.randn(1, 2, 5, 4)
+    posattn.ecoformer_attention(q, q, v)
+    assert seen == [("auto", ("triton", "torch"))]
+    if not torch.cuda.is_available():                          # CPU tensors: asked for by name, it raises
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+            posattn.ecoformer_attention(q, q, v, backend="cuda")
+
+
+def test_cuda_backend_limits():
+    from posattn.ops.ecoformer import _check_cuda_backend
+    v = torch.randn(2, 2, 6, 8)
+    right = torch.tensor([[False, False, False, False, True, True], [True] * 6])
+    _check_cuda_backend(False, 64, v, right)                    # right padding, incl. an all-padded row: fine
+    _check_cuda_backend(False, 1, v, None)
+    with pytest.raises(ValueError, match="causal: backend='cuda' has no causal"):
+        _check_cuda_backend(True, 16, v, None)
+    with pytest.raises(ValueError, match="num_bits: backend='cuda' supports 1..64 bits, got 65"):
+        _check_cuda_backend(False, 65, v, None)
+    with pytest.raises(ValueError, match="head_dim_v <= 256, got 300"):
+        _check_cuda_backend(False, 16, torch.randn(1, 1, 2, 300), None)
+    with pytest.raises(TypeError, match="float64"):
+        _check_cuda_backend(False, 16, v.double(), None)
+    with pytest.raises(ValueError, match="key_padding_mask: backend='cuda' takes right padding only"):
+        _check_cuda_backend(False, 16, v, torch.tensor([[True, False, False, False, False, False]] * 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("form", ["consistent", "reference-code"])
+def test_cuda_backend_on_gpu(form, device):
+    # posattn._C's kernels through the op (not yet run on a GPU when written): GQA (repeated kv heads),
+    # right padding with one batch fully padded (-> 0), int64-packed codes (trimmed to int32 words), fp16.
+    for nb, packed, dtype in [(16, False, torch.float32), (40, True, torch.float16), (64, True, torch.bfloat16)]:
+        q, k = rand_codes(2, 4, 130, nb, device=device), rand_codes(2, 2, 130, nb, device=device)
+        v = torch.randn(2, 2, 130, 72, device=device).to(dtype)
+        mask = torch.arange(130, device=device)[None, :] >= torch.tensor([[97], [0]], device=device)
+        args = (posattn.ecoformer_pack_bits(q), posattn.ecoformer_pack_bits(k)) if packed else (q, k)
+        out = posattn.ecoformer_attention(*args, v, num_bits=nb, key_padding_mask=mask, form=form, backend="cuda")
+        ref = R.ecoformer_pairwise(q, k, v, key_padding_mask=mask, form=form)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert_close(out, ref, dtype)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+    vg = torch.randn(2, 2, 130, 8, device=device, requires_grad=True)
+    posattn.ecoformer_attention(q, k, vg, backend="cuda").sum().backward()   # backward: torch recompute
+    assert torch.isfinite(vg.grad).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_on_gpu(causal, device):

@@ -314,15 +314,40 @@ def _ecoformer_triton_fwd(q_words32, k_words32, v, keep, *, num_bits, causal, re
     return out
 
 
-class _EcoFormerTritonFn(torch.autograd.Function):
-    """Forward: the Triton kernel. Backward: recompute the torch backend's chunked forward (linear
-    memory) and differentiate it; there is no Triton backward kernel yet."""
+def _ecoformer_cuda_fwd(q_words32, k_words32, v, keep, *, num_bits, causal, ref_form):
+    """posattn._C's linear kernels (csrc/ecoformer.cu via posattn._cuda): non-causal, padding as kv_lens
+    (the caller checked that ``keep`` is a kept prefix per batch). Not yet run on a GPU."""
+    from .. import _cuda
+
+    assert not causal, "the caller rejects causal for backend='cuda'"
+    B, H, M, _ = q_words32.shape
+    Hk, N = k_words32.shape[1], k_words32.shape[2]
+    if M == 0 or N == 0:   # no key: every output row is 0 by the op's contract
+        return torch.zeros(B, H, M, v.shape[-1], dtype=v.dtype, device=v.device)
+    words = -(-num_bits // 32)   # int64-packed codes arrive as 2 int32 words each; the _C wrapper wants exactly these
+    q_words32, k_words32 = q_words32[..., :words], k_words32[..., :words]
+    if Hk != H:  # the _C kernels read keys at the query's (batch*head) index: repeat the kv heads (copies)
+        k_words32, v = k_words32.repeat_interleave(H // Hk, 1), v.repeat_interleave(H // Hk, 1)
+    kv_lens = None if keep is None else keep.sum(1).to(torch.int32)
+    out = _cuda.ecoformer_linear_cuda(q_words32.contiguous(), k_words32.contiguous(), v, nbits=num_bits,
+                                      kv_lens=kv_lens, repo_form=ref_form)
+    if kv_lens is not None:  # a batch with every key padded: the kernel divides 0 by 0 there
+        out.masked_fill_((kv_lens == 0)[:, None, None, None], 0.0)
+    return out
+
+
+_KERNEL_FWD = {"triton": _ecoformer_triton_fwd, "cuda": _ecoformer_cuda_fwd}
+
+
+class _EcoFormerKernelFn(torch.autograd.Function):
+    """Forward: the Triton or CUDA kernel (``kernel``). Backward: recompute the torch backend's chunked
+    forward (linear memory) and differentiate it; there is no Triton/CUDA backward kernel yet."""
 
     @staticmethod
-    def forward(ctx, q_f, k_f, v, q_w, k_w, keep, num_bits, causal, ref_form):
+    def forward(ctx, q_f, k_f, v, q_w, k_w, keep, num_bits, causal, ref_form, kernel):
         ctx.save_for_backward(q_f, k_f, v, keep)
         ctx.opts = (causal, ref_form)
-        return _ecoformer_triton_fwd(q_w, k_w, v, keep, num_bits=num_bits, causal=causal, ref_form=ref_form)
+        return _KERNEL_FWD[kernel](q_w, k_w, v, keep, num_bits=num_bits, causal=causal, ref_form=ref_form)
 
     @staticmethod
     def backward(ctx, dout):
@@ -334,7 +359,26 @@ class _EcoFormerTritonFn(torch.autograd.Function):
             out = _ecoformer_torch(*ins, keep, causal=causal, ref_form=ref_form)
             wrt = [t for t in ins if t.requires_grad]
             grads = iter(torch.autograd.grad(out, wrt, dout)) if wrt else iter(())
-        return tuple(next(grads) if r else None for r in need) + (None,) * 6
+        return tuple(next(grads) if r else None for r in need) + (None,) * 7
+
+
+def _check_cuda_backend(causal: bool, num_bits: int, v: torch.Tensor, key_padding_mask) -> None:
+    """What posattn._C's EcoFormer kernels cover; anything else is an error, never a fallback."""
+    if causal:
+        raise ValueError("causal: backend='cuda' has no causal EcoFormer kernel, got causal=True "
+                         "(use backend='triton' or 'torch')")
+    if num_bits > 64:
+        raise ValueError(f"num_bits: backend='cuda' supports 1..64 bits, got {num_bits}")
+    if v.shape[-1] > 256:
+        raise ValueError(f"v: backend='cuda' supports head_dim_v <= 256, got {v.shape[-1]}")
+    if v.dtype == torch.float64:
+        raise TypeError("v: backend='cuda' takes fp16/bf16/fp32, got float64 (use backend='torch')")
+    if key_padding_mask is not None:
+        lens = (~key_padding_mask).sum(1, keepdim=True)
+        suffix = torch.arange(key_padding_mask.shape[1], device=key_padding_mask.device)[None, :] >= lens
+        if not bool((suffix == key_padding_mask).all()):
+            raise ValueError("key_padding_mask: backend='cuda' takes right padding only (each row: keys to "
+                             "attend, then padding), got padding before an attended key")
 
 
 def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.Tensor, *, num_bits: int | None = None,
@@ -383,7 +427,10 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
         key (all padded, or causal before the first unpadded key) gets output 0.
     form : "consistent" (default) or "reference-code", see above.
     backend : "auto" (default: CUDA tensors -> Triton; CPU tensors -> torch), "triton" (CUDA, or CPU
-        under TRITON_INTERPRET=1), "torch". An unavailable backend raises; it never falls back.
+        under TRITON_INTERPRET=1), "torch", or "cuda" (posattn._C's kernels, csrc/ecoformer.cu; only
+        when asked for by name, never chosen by "auto"; non-causal, num_bits <= 64, head_dim_v <= 256,
+        right padding only; GQA repeats the key/value heads; not yet run on a GPU). An unavailable
+        backend raises; it never falls back.
 
     Returns
     -------
@@ -395,14 +442,16 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
     TypeError: a non-tensor, wrong dtype, q/k codes of different kinds.
     ValueError: codes not in {-1, +1}; packed words inconsistent with num_bits (wrong word count,
         set bits past num_bits); mismatched batch/heads/lengths/num_bits; num_heads not a multiple
-        of num_heads_k; reference-code form with seqlen_q != seqlen_k; devices differ.
+        of num_heads_k; reference-code form with seqlen_q != seqlen_k; devices differ; backend="cuda"
+        with causal=True, num_bits > 64, head_dim_v > 256 or padding before an attended key
+        (TypeError for float64 v there).
     RuntimeError: the requested backend is not available here.
 
     Notes
     -----
     Cost O((seqlen_q + seqlen_k) * num_bits * head_dim_v) time and O(num_bits * head_dim_v) state
-    per (batch, head). Backward: torch autograd on the torch backend; with backend="triton" the
-    forward runs the kernel and the backward recomputes the torch backend's chunked forward.
+    per (batch, head). Backward: torch autograd on the torch backend; with backend="triton" or "cuda"
+    the forward runs the kernel and the backward recomputes the torch backend's chunked forward.
     The Triton kernel has been run under the interpreter only (not yet run on a GPU).
 
     Examples
@@ -466,7 +515,11 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
         dims.check("key_padding_mask", key_padding_mask, ("batch_size", "seqlen_k"))
         keep = (~key_padding_mask).to(torch.float32)
 
-    be = _backends.resolve(backend, v.device, supported=("triton", "torch"), op="ecoformer_attention")
+    # "cuda" (posattn._C) only when asked for by name: "auto" never picks it (not yet run on a GPU).
+    supported = ("triton", "cuda", "torch") if backend == "cuda" else ("triton", "torch")
+    be = _backends.resolve(backend, v.device, supported=supported, op="ecoformer_attention")
+    if be == "cuda":
+        _check_cuda_backend(causal, num_bits, v, key_padding_mask)
     ref_form = form == "reference-code"
     if be == "triton" and v.dtype == torch.float64:
         raise TypeError("v: the triton backend takes fp16/bf16/fp32, got float64 (use backend='torch')")
@@ -476,7 +529,7 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
         k_f = ecoformer_unpack_bits(k_codes, num_bits) if packed else k_codes
         return _ecoformer_torch(q_f, k_f, v, keep, causal=causal, ref_form=ref_form)
 
-    # triton
+    # triton / cuda: packed int32 words
     if packed:
         q_w, k_w = _pack_int32(q_codes), _pack_int32(k_codes)
         q_f = k_f = None
@@ -487,11 +540,11 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
     needs_grad = torch.is_grad_enabled() and (v.requires_grad or (not packed and (q_codes.requires_grad or
                                                                                   k_codes.requires_grad)))
     if not needs_grad:
-        return _ecoformer_triton_fwd(q_w, k_w, v, keep, num_bits=num_bits, causal=causal, ref_form=ref_form)
+        return _KERNEL_FWD[be](q_w, k_w, v, keep, num_bits=num_bits, causal=causal, ref_form=ref_form)
     if packed:  # the backward recomputes from float codes; packed codes carry no gradient
         q_f = ecoformer_unpack_bits(q_codes, num_bits)
         k_f = ecoformer_unpack_bits(k_codes, num_bits)
-    return _EcoFormerTritonFn.apply(q_f, k_f, v, q_w, k_w, keep, num_bits, causal, ref_form)
+    return _EcoFormerKernelFn.apply(q_f, k_f, v, q_w, k_w, keep, num_bits, causal, ref_form, be)
 
 
 register("ecoformer", "posattn.ops.ecoformer", ("triton", "torch"))
