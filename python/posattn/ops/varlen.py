@@ -640,66 +640,104 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
     Dense kernel: torch's fused CPU SDPA for plain attention (``_sdpa_cpu_ok``), else the dense
     attention's torch backend (``ops/attention.py``, every positional encoding). A chunk whose
     sequences all have the same lengths needs no padding and no mask (the common case with the
-    default plan). Padded rows are gathered from row 0 and masked out; only real rows are written
-    back, so rows outside every sequence keep out 0 / lse -inf and get no gradient.
+    default plan).
+
+    Data movement (it cost as much as the attention itself when every chunk was gathered separately and
+    the outputs concatenated): a chunk of equal-length sequences that are adjacent in the packed layout
+    is a view of q/k/v and writes its output rows in place; the other chunks are gathered with one
+    ``index_select`` per tensor for all of them, padded rows reading row 0. Each chunk's output goes
+    straight into ``out`` with an in-place ``index_copy_``; padded rows are sent to one spare row past
+    the end (dropped), so rows outside every sequence keep out 0 / lse -inf and get no gradient.
     """
     from . import attention as _attn
 
     dev = q.device
-    out = q.new_zeros((a.total_q, a.num_heads, a.head_dim_v))
-    lse = torch.full((a.num_heads, a.total_q), float("-inf"), dtype=torch.float32, device=dev)
+    H, D, Dv = a.num_heads, a.head_dim, a.head_dim_v
     chunks = plan_chunks(a.lens_q, a.lens_k,
                          overhead=CALL_OVERHEAD_FLOPS / (2.0 * a.num_heads * (a.head_dim + a.head_dim_v)))
     if not chunks:
+        out = q.new_zeros((a.total_q, H, Dv))
+        lse = torch.full((H, a.total_q), float("-inf"), dtype=torch.float32, device=dev)
         if q.requires_grad or k.requires_grad or v.requires_grad:
             # keep the graph connected so backward gives zero gradients instead of an error; sums of empty
             # slices read no data (0 * sum(q) would turn NaN/inf in rows outside every sequence into NaN)
             out = out + (q[:0].sum() + k[:0].sum() + v[:0].sum())
         return out, lse
     fast = _sdpa_cpu_ok(q, a, need_lse_grad)
-    group = a.num_heads // a.num_heads_k
-    H, D, Dv = a.num_heads, a.head_dim, a.head_dim_v
-    outs, lses, rows_all = [], [], []
+    # chunk layout: where its rows come from (a view or a slice of the one gather) and where they go
+    plans, gather_q, gather_k, nq, nk = [], [], [], 0, 0
+    covered = 0
     for seqs in chunks:
         n = len(seqs)
         lq_list = [a.lens_q[b] for b in seqs]
         lk_list = [a.lens_k[b] for b in seqs]
         Lq, Lk = max(lq_list), max(lk_list)
+        covered += sum(lq_list)
         uniform = min(lq_list) == Lq and min(lk_list) == Lk
-        ar_q = torch.arange(Lq, device=dev)
-        ar_k = torch.arange(Lk, device=dev)
-        sq = torch.tensor([a.cu_q[b] for b in seqs], device=dev)
-        sk = torch.tensor([a.cu_k[b] for b in seqs], device=dev)
-        qidx = (sq[:, None] + ar_q[None]).reshape(-1)
-        kidx = (sk[:, None] + ar_k[None]).reshape(-1)
-        if uniform:
-            qvalid = kvalid = None
+        adjacent = uniform and all(a.cu_q[s1] == a.cu_q[s0] + Lq and a.cu_k[s1] == a.cu_k[s0] + Lk
+                                   for s0, s1 in zip(seqs, seqs[1:]))
+        p = dict(seqs=seqs, n=n, Lq=Lq, Lk=Lk, uniform=uniform, adjacent=adjacent, lq=lq_list, lk=lk_list)
+        if not adjacent:
+            p["gq"], p["gk"] = nq, nk
+            nq, nk = nq + n * Lq, nk + n * Lk
+            ar_q = torch.arange(Lq, device=dev)
+            ar_k = torch.arange(Lk, device=dev)
+            qidx = (torch.tensor([a.cu_q[b] for b in seqs], device=dev)[:, None] + ar_q[None]).reshape(-1)
+            kidx = (torch.tensor([a.cu_k[b] for b in seqs], device=dev)[:, None] + ar_k[None]).reshape(-1)
+            if not uniform:
+                p["qvalid"] = ar_q[None] < torch.tensor(lq_list, device=dev)[:, None]   # (n, Lq)
+                p["kvalid"] = ar_k[None] < torch.tensor(lk_list, device=dev)[:, None]   # (n, Lk)
+                p["rows"] = torch.where(p["qvalid"].reshape(-1), qidx, a.total_q)     # padded -> spare row
+                qidx = torch.where(p["qvalid"].reshape(-1), qidx, 0)                  # padded rows read row 0
+                kidx = torch.where(p["kvalid"].reshape(-1), kidx, 0)
+            else:
+                p["rows"] = qidx
+            p["kidx"] = kidx
+            gather_q.append(qidx)
+            gather_k.append(kidx)
+        plans.append(p)
+    # rows outside every chunk (past cu_seqlens_q[-1], or of a sequence without keys) must read 0 / -inf
+    full = covered == a.total_q
+    out = q.new_empty((a.total_q + 1, H, Dv)) if full else q.new_zeros((a.total_q + 1, H, Dv))
+    lse = torch.empty((H, a.total_q + 1), dtype=torch.float32, device=dev)
+    if not (full and need_lse):
+        lse.fill_(float("-inf"))
+    if gather_q:  # one gather per tensor for all chunks that are not views
+        qi, ki = torch.cat(gather_q), torch.cat(gather_k)
+        qg, kg, vg = q.index_select(0, qi), k.index_select(0, ki), v.index_select(0, ki)
+    for p in plans:
+        seqs, n, Lq, Lk, uniform = p["seqs"], p["n"], p["Lq"], p["Lk"], p["uniform"]
+        if p["adjacent"]:
+            s_q, s_k = a.cu_q[seqs[0]], a.cu_k[seqs[0]]
+            qc = q[s_q:s_q + n * Lq].view(n, Lq, H, D)
+            kc = k[s_k:s_k + n * Lk].view(n, Lk, a.num_heads_k, D)
+            vc = v[s_k:s_k + n * Lk].view(n, Lk, a.num_heads_k, Dv)
         else:
-            qvalid = ar_q[None] < torch.tensor(lq_list, device=dev)[:, None]   # (n, Lq)
-            kvalid = ar_k[None] < torch.tensor(lk_list, device=dev)[:, None]   # (n, Lk)
-            qidx = torch.where(qvalid.reshape(-1), qidx, 0)                    # padded rows read row 0
-            kidx = torch.where(kvalid.reshape(-1), kidx, 0)
-        # (n, L, heads, dim) (index_select: much cheaper than advanced indexing)
-        qc = q.index_select(0, qidx).reshape(n, Lq, H, D)
-        kc = k.index_select(0, kidx).reshape(n, Lk, a.num_heads_k, D)
-        vc = v.index_select(0, kidx).reshape(n, Lk, a.num_heads_k, Dv)
+            qc = qg[p["gq"]:p["gq"] + n * Lq].view(n, Lq, H, D)
+            kc = kg[p["gk"]:p["gk"] + n * Lk].view(n, Lk, a.num_heads_k, D)
+            vc = vg[p["gk"]:p["gk"] + n * Lk].view(n, Lk, a.num_heads_k, Dv)
+        kvalid = p.get("kvalid")
         if fast:
             bias, is_causal = None, False
             if a.causal and uniform and Lq == Lk:
                 is_causal = True                              # top-left == bottom-right here
             elif not uniform or a.causal:
+                ar_q = torch.arange(Lq, device=dev)
+                ar_k = torch.arange(Lk, device=dev)
                 allowed = torch.ones((n, 1, 1, Lk), dtype=torch.bool, device=dev) if uniform else \
                     kvalid[:, None, None, :]
                 if a.causal:                                  # bottom-right: j <= i + Lk - Lq
                     allowed = allowed & (ar_k[None, :] <= ar_q[:, None] + (Lk - Lq))[None, None]
                 bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-            if group > 1:
-                kc, vc = kc.repeat_interleave(group, dim=2), vc.repeat_interleave(group, dim=2)
+            # the kernel reads GQA k/v heads itself (query head h -> kv head h // group); its out is laid out
+            # (n, Lq, H, Dv) in memory, so the transpose back is a view
             oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), 0.0, is_causal, attn_mask=bias,
                 scale=a.softmax_scale)
             oc = oc.transpose(1, 2)
         else:
+            kidx = p["kidx"] if not p["adjacent"] else \
+                (a.cu_k[seqs[0]] + torch.arange(n * Lk, device=dev))
             pe = _attn.build_pe(_chunk_position(a.position, seqs, a, Lk, kidx.reshape(n, Lk),
                                                 torch.ones((n, Lk), dtype=torch.bool, device=dev)
                                                 if kvalid is None else kvalid),
@@ -710,23 +748,20 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
                                            window_left=a.window_left, window_right=a.window_right,
                                            softcap=a.softcap, pe=pe, dropout_p=a.dropout_p,
                                            deterministic=a.deterministic, backend="torch")
-        oc = oc.reshape(n * Lq, H, Dv)
-        lc = lc.permute(1, 0, 2).reshape(H, n * Lq) if need_lse else None
-        rows = qidx
-        if not uniform:
-            sel = qvalid.reshape(-1).nonzero().flatten()
-            oc, rows = oc.index_select(0, sel), qidx.index_select(0, sel)
-            lc = lc.index_select(1, sel) if need_lse else None
-        outs.append(oc)
-        rows_all.append(rows)
+        oc = oc.reshape(n * Lq, H, Dv).to(q.dtype)
         if need_lse:
-            lses.append(lc if need_lse_grad else lc.detach())
-    # one scatter for all chunks (rows are disjoint): its backward is a single gather of dout
-    rows = torch.cat(rows_all)
-    out = out.index_copy(0, rows, torch.cat(outs).to(q.dtype))
-    if need_lse:
-        lse = lse.index_copy(1, rows, torch.cat(lses, dim=1).to(torch.float32))
-    return out, lse
+            lc = lc.to(torch.float32).permute(1, 0, 2).reshape(H, n * Lq)
+            lc = lc if need_lse_grad else lc.detach()
+        if p["adjacent"]:
+            s_q = a.cu_q[seqs[0]]
+            out[s_q:s_q + n * Lq] = oc
+            if need_lse:
+                lse[:, s_q:s_q + n * Lq] = lc
+        else:
+            out.index_copy_(0, p["rows"], oc)
+            if need_lse:
+                lse.index_copy_(1, p["rows"], lc)
+    return out[:a.total_q], lse[:, :a.total_q]
 
 
 # =============================================================================================
