@@ -34,6 +34,7 @@ from .. import reference as _ref
 from .._backends import resolve
 from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_cu_seqlens, check_float, check_int,
                        check_tensor, check_window, dtype_name)
+from .ecoformer import _madvise_hugepage  # THP hint for fresh large CPU outputs (shared helper)
 
 __all__ = [
     "unpad_input",
@@ -533,28 +534,40 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 # =============================================================================================
 
 # A chunk pads its sequences to its longest one and costs one dense call. The plan minimises
-#   sum over chunks of (CALL_OVERHEAD_FLOPS + padded attention FLOPs of the chunk),
-# with CALL_OVERHEAD_FLOPS ~ 50 us (one SDPA call, ~12 us, plus ~10 small gather/index ops, measured
-# single-threaded on CPU) at ~10 GFLOP/s. Tokens per chunk are bounded so a chunk's padded copies of
-# q/k/v stay small.
-CALL_OVERHEAD_FLOPS = 5e5
+#   sum over chunks of (call overhead + padded attention FLOPs + gather cost of a multi-sequence chunk),
+# in FLOP-equivalents of torch's fused CPU attention kernel (~50 GFLOP/s at head_dim 64, fp32, 1 thread,
+# measured here). A call of the dense torch backend (custom op, positional encoding setup) costs
+# ~300 us = CALL_OVERHEAD_FLOPS; a direct call of the fused kernel on plain attention ~20 us
+# (FAST_CALL_OVERHEAD_RATIO of it). A chunk of one sequence (or of equal-length sequences adjacent in
+# the packed layout) is a view of q/k/v; any other chunk copies its padded rows, ~0.5 ns per byte
+# (index_select of 3 KB rows into fresh memory) = GATHER_FLOPS_PER_BYTE. Tokens per chunk are bounded
+# so a chunk's padded copies of q/k/v stay small.
+CALL_OVERHEAD_FLOPS = 1.5e7
+FAST_CALL_OVERHEAD_RATIO = 1.0 / 15
+GATHER_FLOPS_PER_BYTE = 25.0
 CHUNK_MAX_TOKENS = 1 << 16
 _DP_WINDOW = 48  # a chunk spans at most this many distinct lengths (keeps planning O(48 * lengths))
 
 
-def plan_chunks(lens_q, lens_k, *, overhead: float = 0.0, max_tokens: int = CHUNK_MAX_TOKENS) -> list:
+def plan_chunks(lens_q, lens_k, *, overhead: float = 0.0, gather: float = 0.0,
+                max_tokens: int = CHUNK_MAX_TOKENS) -> list:
     """Group sequences for the torch backend: a list of lists of sequence ids.
 
     Sequences with no query or no key are dropped (their rows are out 0, lse -inf). Only sequences
     with the same ``len_k - len_q`` share a chunk (right padding then keeps every bottom-right
     alignment exact). Within that class, sequences sorted by length are cut into runs minimising
-    ``sum(overhead + n * Lq * Lk)`` (padded logits per head, ``overhead`` = the cost of one more
-    chunk in the same unit) by dynamic programming over the distinct lengths.
+    ``sum(overhead + n * Lq * Lk + (gather * n * max(Lq, Lk) if n > 1))`` (padded logits per head;
+    ``overhead`` = the cost of one more chunk and ``gather`` = the cost of copying one padded token's
+    q/k/v rows, in the same unit: a chunk of one sequence is a view and copies nothing) by dynamic
+    programming over the distinct lengths. Sequences of one length stay together unless copying one
+    of them costs more than a call (then each may be its own chunk).
 
     >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3])                 # no call overhead: no padding at all
     [[0, 3], [2]]
     >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3], overhead=100)   # 48 padded logits < 100 + 34
     [[0, 3, 2]]
+    >>> plan_chunks([3, 0, 4, 3], [3, 5, 4, 3], overhead=1, gather=10)  # copies cost more than calls
+    [[0], [3], [2]]
     """
     classes: dict = {}
     for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
@@ -565,6 +578,9 @@ def plan_chunks(lens_q, lens_k, *, overhead: float = 0.0, max_tokens: int = CHUN
         units = []  # (len_q, ids) by increasing length; a length with too many tokens is split
         for lq in sorted(classes[off]):
             ids = classes[off][lq]
+            if len(ids) > 1 and gather * max(lq, lq + off) > overhead:   # one call each beats a copy
+                units += [(lq, [b]) for b in ids]
+                continue
             per = max(1, max_tokens // max(lq, lq + off))
             units += [(lq, ids[i:i + per]) for i in range(0, len(ids), per)]
         m = len(units)
@@ -578,7 +594,7 @@ def plan_chunks(lens_q, lens_k, *, overhead: float = 0.0, max_tokens: int = CHUN
                 n += len(units[i][1])
                 if n * max(lq_j, lk_j) > max_tokens and i < j - 1:
                     break
-                c = best[i] + overhead + n * lq_j * lk_j
+                c = best[i] + overhead + n * lq_j * lk_j + (gather * n * max(lq_j, lk_j) if n > 1 else 0.0)
                 if c < best[j]:
                     best[j], cut[j] = c, i
         j, runs = m, []
@@ -653,8 +669,12 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
 
     dev = q.device
     H, D, Dv = a.num_heads, a.head_dim, a.head_dim_v
+    fast = _sdpa_cpu_ok(q, a, need_lse_grad)
+    unit = 2.0 * a.num_heads * (a.head_dim + a.head_dim_v)        # FLOPs of one logit, all heads
+    token_bytes = q.element_size() * (a.num_heads * a.head_dim + a.num_heads_k * (a.head_dim + a.head_dim_v))
     chunks = plan_chunks(a.lens_q, a.lens_k,
-                         overhead=CALL_OVERHEAD_FLOPS / (2.0 * a.num_heads * (a.head_dim + a.head_dim_v)))
+                         overhead=CALL_OVERHEAD_FLOPS * (FAST_CALL_OVERHEAD_RATIO if fast else 1.0) / unit,
+                         gather=GATHER_FLOPS_PER_BYTE * token_bytes / unit)
     if not chunks:
         out = q.new_zeros((a.total_q, H, Dv))
         lse = torch.full((H, a.total_q), float("-inf"), dtype=torch.float32, device=dev)
@@ -663,7 +683,6 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
             # slices read no data (0 * sum(q) would turn NaN/inf in rows outside every sequence into NaN)
             out = out + (q[:0].sum() + k[:0].sum() + v[:0].sum())
         return out, lse
-    fast = _sdpa_cpu_ok(q, a, need_lse_grad)
     # chunk layout: where its rows come from (a view or a slice of the one gather) and where they go
     plans, gather_q, gather_k, nq, nk = [], [], [], 0, 0
     covered = 0
@@ -698,7 +717,10 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
         plans.append(p)
     # rows outside every chunk (past cu_seqlens_q[-1], or of a sequence without keys) must read 0 / -inf
     full = covered == a.total_q
-    out = q.new_empty((a.total_q + 1, H, Dv)) if full else q.new_zeros((a.total_q + 1, H, Dv))
+    out = q.new_empty((a.total_q + 1, H, Dv))
+    _madvise_hugepage(out)       # fresh pages: ~18 ms of page faults at 37 MB with 4 KiB pages (1 thread)
+    if not full:
+        out.zero_()
     lse = torch.empty((H, a.total_q + 1), dtype=torch.float32, device=dev)
     if not (full and need_lse):
         lse.fill_(float("-inf"))
