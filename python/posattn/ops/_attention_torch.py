@@ -126,7 +126,8 @@ def _chunk_forward(i0, i1, qc, k_all, v_all, attn_mask, inv_freq, position_ids, 
         ck, sk = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, i0 + offset)
         q = _ref.apply_rotary(q, cq, sq, o["interleaved"])
         k = _ref.apply_rotary(k, ck, sk, o["interleaved"])
-    s = torch.matmul(q, k.transpose(-1, -2)) * o["softmax_scale"]   # (B, H, n, Sk)
+    # scale folded into q: O(n * D) instead of a pass over the (n, Sk) logits (forward and backward)
+    s = torch.matmul(q * o["softmax_scale"], k.transpose(-1, -2))   # (B, H, n, Sk)
     if o["softcap"] > 0:                       # FlashAttention order: cap the scaled logits, then add biases
         s = o["softcap"] * torch.tanh(s / o["softcap"])
     b = _bias(o, alibi_slopes, bias_table, pq, pk, acc)
@@ -149,7 +150,7 @@ def _chunk_forward(i0, i1, qc, k_all, v_all, attn_mask, inv_freq, position_ids, 
     # the row max is detached (softmax is shift-invariant, so gradients stay exact)
     mx = s.detach().amax(dim=-1, keepdim=True)
     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    p = torch.exp(s - mx)
+    p = (s - mx).exp_()                        # in place on the temporary: one (n, Sk) buffer fewer
     l = p.sum(dim=-1, keepdim=True)
     live = l > 0
     l_safe = torch.where(live, l, torch.ones_like(l))
