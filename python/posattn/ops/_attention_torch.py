@@ -11,6 +11,11 @@ bias, mask, probabilities and dropout mask only ever exist for one chunk. Beside
 upcast to fp32 once (and expanded to num_heads for GQA): O(seqlen_k * head_dim) per head, never
 O(seqlen_q * seqlen_k).
 
+Forward fast path (``fast_path_ok``: CPU, no softcap/URPE/dropout, head_dim_v == head_dim): each chunk
+runs torch's fused CPU attention kernel with the positional bias, causal mask and window passed as one
+Toeplitz vector viewed with strides (memory O(seqlen) for the bias without a user ``attn_mask``); see
+"Forward fast path" below. The other cases, and every backward, use the general path described here.
+
 Backward recomputes each chunk's forward with autograd enabled and calls ``torch.autograd.grad`` with
 the chunk's ``dout`` (and ``dlse``), so memory stays bounded and the gradients of every positional
 table (RelativeBias/T5/URPE tables, ALiBi slopes, learned phases) and of a float ``attn_mask`` come
