@@ -294,7 +294,78 @@ def test_varlen(device, position):
 def test_configs_cover_head_dims():
     for configs in (fa.FWD_CONFIGS, fa.BWD_CONFIGS):
         for d in (16, 40, 64, 72, 128, 256):
-            cfg = fa.config_for(configs, d)
-            assert {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(cfg)
+            for kind in fa.CONFIG_KINDS:
+                cfg = fa.config_for(configs, d, kind)
+                assert {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(cfg)
+                assert set(cfg) <= {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "dq_BLOCK_M", "dq_BLOCK_N",
+                                    "dq_num_warps", "dq_num_stages"}, cfg
     with pytest.raises(ValueError, match="head_dim"):
         fa.config_for(fa.FWD_CONFIGS, 512)
+    with pytest.raises(ValueError, match="kind"):
+        fa.config_for(fa.FWD_CONFIGS, 64, "alibi")
+
+
+# ------------------------------------------------------------------------------------------------
+# rotary angles: range reduction + cos / sin (positional.cos_sin)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from posattn.triton_kernels.positional import cos_sin, reduce_angle  # noqa: E402
+
+
+@triton.jit
+def _cos_sin_probe(A, C, S, R, n, FAST_TRIG: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    a = tl.load(A + offs, mask=ok, other=0.0)
+    c, s = cos_sin(a, FAST_TRIG)
+    tl.store(C + offs, c, mask=ok)
+    tl.store(S + offs, s, mask=ok)
+    tl.store(R + offs, reduce_angle(a), mask=ok)
+
+
+def test_rotary_angle_reduction(device):
+    # fp32 angles pos * inv_freq for positions up to 1e6 (inv_freq 1 and RoPE-like smaller ones),
+    # plus the edges (0, +-pi, multiples of 2 pi, negatives): cos / sin must match float64 cos / sin
+    # of the exact fp32 angle to 1e-6 absolute (libm path under the interpreter, sin/cos.approx
+    # on a GPU, same reduction bits on both since tl.fma rounds once everywhere).
+    pos = torch.cat([torch.arange(0, 4096), torch.randint(0, 1_000_001, (4096,)), torch.tensor([999_999, 10**6])])
+    freq = torch.tensor([1.0, 0.5, 1e-1, 1e-2, 1e-4], dtype=torch.float32)
+    ang = (pos.float()[:, None] * freq[None, :]).flatten()
+    edges = torch.tensor([0.0, 3.1415925, 3.1415927, -3.1415927, 6.2831855, -6.2831855, 1e6, -1e6, -12345.678,
+                          4.0, -4.0, 2.0**23, 1e-30], dtype=torch.float32)
+    a = torch.cat([ang, -ang[:1000], edges]).to(device)
+    n = a.numel()
+    c, s, r = (torch.full_like(a, float("nan")) for _ in range(3))
+    _cos_sin_probe[(triton.cdiv(n, 1024),)](a, c, s, r, n, FAST_TRIG=not fa._interpreting(), BLOCK=1024)
+    a64 = a.double().cpu()
+    err_c = (c.double().cpu() - torch.cos(a64)).abs().max().item()
+    err_s = (s.double().cpu() - torch.sin(a64)).abs().max().item()
+    assert err_c <= 1e-6 and err_s <= 1e-6, (err_c, err_s)
+    # the reduced angle itself: a - 2 pi k to ~2.5e-7, in [-pi, pi] up to the fp32 rounding of
+    # a / (2 pi) that picks k (|r| <= pi + 2 pi ulp(a / 2 pi) <= pi + 2**-23 |a|)
+    r64 = r.double().cpu()
+    assert bool((r64.abs() <= torch.pi + 1e-6 + a64.abs() * 2.0**-23).all())
+    k = torch.round((a64 - r64) / (2 * torch.pi))
+    assert (r64 - (a64 - 2 * torch.pi * k)).abs().max().item() <= 2.5e-7
+
+
+@pytest.mark.parametrize("position,dtype", [(None, torch.float16), (["rope", "relbias"], torch.bfloat16),
+                                            ("phases", torch.float32)])
+def test_default_configs(device, position, dtype):
+    # the launch configs a GPU gets (no block overrides): BLOCK_M != BLOCK_N, dq kernel blocks that
+    # differ from the dk/dv kernel's, the transposed dk/dv orientation, a partial last block
+    global BLOCK
+    saved, BLOCK = BLOCK, {}
+    try:
+        _check(device, dtype=dtype, position=position, causal=True, offset=0, seqlen_q=70, seqlen_k=70, batch=1,
+               heads=2, heads_k=1, head_dim=64)
+    finally:
+        BLOCK = saved
+
+
+def test_rotary_head_dim_16(device):
+    # head_dim 16 with rotary: padded to 32 so each half tile is a tl.dot operand (K >= 16)
+    _check(device, position="rope_interleaved_yarn", head_dim=16, seqlen_q=17, seqlen_k=17, heads=2, heads_k=1,
+           batch=1, causal=True)

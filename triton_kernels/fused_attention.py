@@ -50,20 +50,46 @@ _UNBOUNDED = tl.constexpr(1 << 30)
 # Chosen with ``python -m posattn report`` (AOT compile for sm_80 / sm_90, no GPU): every entry
 # compiles without register spills (no LDL/STL), within shared memory, with HMMA / HGMMA. Not yet
 # run on a GPU, so not tuned for speed.
+_W8 = dict(num_warps=8)
 FWD_CONFIGS = {
-    64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+    # 8 warps everywhere at d <= 128: 4 warps at 128 x 64 left 19 LDL/STL on sm_90 (plain) and
+    # 23-36 with RoPE / xPos; the table gathers must not be pipelined (num_stages 1: two stages of
+    # RelativeBias + URPE gathers take 98 KB of shared memory and still spill)
+    64: dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, **_W8),
+    (64, "rotary"): dict(BLOCK_M=128, BLOCK_N=64, num_stages=3, **_W8),
+    (64, "table"): dict(BLOCK_M=128, BLOCK_N=64, num_stages=1, **_W8),
+    (64, "rotary+table"): dict(BLOCK_M=128, BLOCK_N=64, num_stages=1, **_W8),
+    128: dict(BLOCK_M=128, BLOCK_N=32, num_stages=2, **_W8),
+    (128, "rotary"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=2, **_W8),
+    (128, "phases"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
+    (128, "table"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
+    (128, "rotary+table"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
     256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    (256, "rotary"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
+    (256, "table"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
+    (256, "rotary+table"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
 }
-# Backward: the dk/dv kernel holds two BLOCK_N x d fp32 accumulators and the dq kernel one
-# BLOCK_M x d, so smaller tiles than the forward. BLOCK_M / BLOCK_N / num_warps / num_stages are
-# the dk/dv kernel's; ``dq_BLOCK_M`` etc. the dq kernel's where they differ.
+# Backward: BLOCK_M / BLOCK_N / num_warps / num_stages are the dk/dv kernel's (BLOCK_N keys per
+# program, BLOCK_M queries per step), ``dq_*`` the dq kernel's (BLOCK_M queries per program, BLOCK_N
+# keys per step). The dk/dv kernel works on k q^T, so BLOCK_N is the MMA's M: >= 64 for sm_90's
+# wgmma (below it Triton falls back to mma.sync); likewise dq_BLOCK_M. Table gradients skew a
+# (BLOCK_M + BLOCK_N) x dq_BLOCK_N tile (positional.toeplitz_accumulate): dq_BLOCK_N stays 32.
+_DQ = dict(dq_BLOCK_M=64, dq_BLOCK_N=32, dq_num_warps=8, dq_num_stages=2)
 BWD_CONFIGS = {
-    64: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    256: dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1),
+    64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, **dict(_DQ, dq_num_warps=4)),
+    (64, "rotary"): dict(BLOCK_M=32, BLOCK_N=64, num_stages=2, **_W8, **_DQ),
+    (64, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, **_W8, **_DQ),
+    (64, "table"): dict(BLOCK_M=32, BLOCK_N=64, num_stages=1, **_W8, **_DQ),
+    (64, "rotary+table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
+    128: dict(BLOCK_M=32, BLOCK_N=64, num_stages=2, **_W8, **_DQ),
+    (128, "rotary"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
+    (128, "table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
+    (128, "rotary+table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
+    256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=1)),
 }
-CONFIG_KINDS = ("plain", "rotary", "table", "rotary+table")
+# "phases" (learned phases) falls back to "rotary" where it has no entry of its own
+CONFIG_KINDS = ("plain", "rotary", "phases", "table", "rotary+table")
+_KIND_FALLBACK = {"phases": "rotary"}
 
 
 def config_for(configs: dict, head_dim: int, kind: str = "plain") -> dict:
@@ -73,7 +99,10 @@ def config_for(configs: dict, head_dim: int, kind: str = "plain") -> dict:
     buckets = sorted(b for b in configs if isinstance(b, int))
     for bucket in buckets:
         if head_dim <= bucket:
-            return dict(configs.get((bucket, kind), configs[bucket]))
+            for k in (kind, _KIND_FALLBACK.get(kind)):
+                if (bucket, k) in configs:
+                    return dict(configs[(bucket, k)])
+            return dict(configs[bucket])
     raise ValueError(f"head_dim: expected <= {buckets[-1]}, got {head_dim}")
 
 
@@ -150,6 +179,19 @@ def _qk(qa, qb, ka, kb, DOT_PRECISION: tl.constexpr, ROTARY_MODE: tl.constexpr):
     if ROTARY_MODE != 0:
         qk = _dot_acc(qb, tl.trans(kb), qk, DOT_PRECISION)
     return qk
+
+
+@triton.jit
+def _opaque(x, FAST_TRIG: tl.constexpr):
+    """``x`` through a side-effecting no-op (PTX ``mov``) on the GPU path, so that cos / sin
+    recomputed from it after a loop are not merged (CSE) with the copy made before the loop, which
+    would keep [BLOCK, HEAD_DIM / 2] fp32 tiles live across the whole loop. Identity elsewhere."""
+    if FAST_TRIG:
+        y = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x.to(tl.int64)], dtype=tl.int64,
+                                      is_pure=False, pack=1)
+    else:
+        y = x
+    return y
 
 
 @triton.jit
@@ -559,7 +601,7 @@ def _fused_attention_bwd_dkdv_kernel(
 
     if ROTARY_MODE != 0:
         # recomputed rather than kept live across the loops (registers)
-        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
+        ck, sk_ = rotary_cos_sin(_opaque(pos_k, FAST_TRIG), _opaque(offs_n, FAST_TRIG), n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
         if ROTARY_MODE == 3:
             xa, xb = _load_tiles(K_rows, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
@@ -707,9 +749,10 @@ def _fused_attention_bwd_dq_kernel(
             dqb = _dot_acc(dsd, kb, dqb, DOT_PRECISION)
 
     if ROTARY_MODE != 0:
-        cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
-                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
-                                 FAST_TRIG)
+        # recomputed rather than kept live across the loop (registers)
+        cq, sq_ = rotary_cos_sin(_opaque(pos_q, FAST_TRIG), _opaque(tok_q, FAST_TRIG), m_ok, INV_FREQ, PHASES_BH,
+                                 stride_pht, rotary_half, rotary_scale, head_dim, xpos_center, xpos_scale_base,
+                                 False, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
         if ROTARY_MODE == 3:
             xa, xb = _load_tiles(Q_rows, m_ok, col_a, col_b, head_dim, ROTARY_MODE)
             dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dqa, dqb, cq, sq_)
@@ -914,8 +957,11 @@ def _config_kind(launch) -> str:
     """Which entry of FWD_CONFIGS / BWD_CONFIGS a call uses (see CONFIG_KINDS)."""
     rotary = launch.rotary_mode != 0
     table = launch.pe.bias_mode in (2, 3) or launch.pe.urpe_table is not None
-    return {(False, False): "plain", (True, False): "rotary", (False, True): "table",
-            (True, True): "rotary+table"}[(rotary, table)]
+    if rotary and table:
+        return "rotary+table"
+    if rotary:
+        return "phases" if launch.rotary_mode == 3 else "rotary"
+    return "table" if table else "plain"
 
 
 def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
