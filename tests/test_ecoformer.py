@@ -480,6 +480,36 @@ def test_module_forward_backward_and_retrain():
     assert not torch.equal(before, layer.hash.projection)
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_module_loaded_checkpoint_keeps_its_hash(mode):
+    # regression: __init__ set _retrain_pending and load_state_dict kept it, so the first forward after
+    # loading refit the hash (even in eval mode, with hash.fitted True) and outputs moved by ~0.1
+    import io
+    kw = dict(num_bits=8, num_anchors=6, topk=3)
+    layer = EcoFormerAttention(32, 4, **kw)
+    x = torch.randn(2, 24, 32)
+    layer(torch.randn(2, 24, 32))                              # fits the hash on other data
+    getattr(layer, mode)()
+    saved = layer(x).detach()
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    fresh = EcoFormerAttention(32, 4, **kw)
+    assert not bool(fresh.hash.fitted)
+    fresh.load_state_dict(torch.load(buf))
+    getattr(fresh, mode)()
+    projection = fresh.hash.projection.clone()
+    assert torch.equal(fresh(x), saved)                        # bit-identical to the saved model
+    assert torch.equal(fresh.hash.projection, projection)      # no refit
+    # an explicit retrain_hash() is honoured in eval mode too; loading a fitted checkpoint cancels it
+    fresh.retrain_hash()
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(fresh(x), saved)
+    fresh.retrain_hash()
+    fresh(x)
+    assert not torch.equal(fresh.hash.projection, projection)
+
+
 # ------------------------------------------------------------------------------------------ compile / gpu
 
 _COMPILE_SCRIPT = """

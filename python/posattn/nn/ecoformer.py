@@ -303,10 +303,13 @@ class EcoFormerAttention(nn.Module):
     bias : bool, default True, for the three linear layers.
     backend : "auto" | "triton" | "torch", passed to ``ecoformer_attention``.
 
-    The hash is (re)learned by :meth:`KernelizedHash.fit` on the detached query/key projections of
-    the next forward pass after construction or after :meth:`retrain_hash` (the paper retrains once
-    per k = 300 epochs; call :meth:`retrain_hash` on that schedule). Gradients reach the projections
-    through the straight-through estimator and the values; A is not trained by backprop.
+    The hash is learned by :meth:`KernelizedHash.fit` on the detached query/key projections of the
+    first forward pass while ``hash.fitted`` is False (a fresh layer), and refit on the next forward
+    after :meth:`retrain_hash` (the paper retrains once per k = 300 epochs; call :meth:`retrain_hash`
+    on that schedule). Nothing else refits it: a layer whose state dict (with ``hash.fitted`` True)
+    is loaded keeps the loaded hash, in train and eval mode, and loading such a state dict also
+    cancels a pending :meth:`retrain_hash`. Gradients reach the projections through the
+    straight-through estimator and the values; A is not trained by backprop.
 
     Examples
     --------
@@ -336,10 +339,18 @@ class EcoFormerAttention(nn.Module):
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.hash = KernelizedHash(self.head_dim, num_bits, num_anchors, heads=num_heads)
-        self._retrain_pending = True
+        # an explicit retrain_hash() request; a fresh (unfitted) hash is fitted on its own (forward)
+        self._retrain_pending = False
+        self.register_load_state_dict_post_hook(EcoFormerAttention._loaded)
+
+    @staticmethod
+    def _loaded(module, incompatible_keys) -> None:
+        # runs after the hash's buffers are loaded: a loaded fitted hash is the model; keep it
+        if bool(module.hash.fitted):
+            module._retrain_pending = False
 
     def retrain_hash(self) -> None:
-        """Refit the hash on the next forward pass."""
+        """Refit the hash on the next forward pass (in train or eval mode)."""
         self._retrain_pending = True
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -350,7 +361,7 @@ class EcoFormerAttention(nn.Module):
         B, N, _ = x.shape
         qk = self.qk_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        if self._retrain_pending:
+        if self._retrain_pending or not bool(self.hash.fitted):
             self.hash.fit(qk.detach(), topk=min(self.topk, max(1, N // 2)), key_padding_mask=key_padding_mask)
             self._retrain_pending = False
         codes = self.hash(qk).to(v.dtype)
