@@ -108,3 +108,39 @@ def test_causally_hidden_nan_keys_leak_into_triton_kernel():
     with poisoned_allocations():
         out = posattn.scaled_dot_product_attention(q, kp, vp, is_causal=True, backend="triton")
     check_close(out, ro, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["relative_bias", "urpe", "alibi_slopes"])
+@pytest.mark.parametrize("api", ["sdpa", "flash_attn_func"])
+def test_float64_positional_tables_keep_float64_on_torch_backend(kind, api):
+    # new-user report: kernel_args cast tables/slopes to fp32, so float64 q/k/v with float64 tables were only
+    # ~1e-8 accurate and torch.autograd.gradcheck failed ("Jacobian mismatch ... input 3") for RelativeBias,
+    # URPE and ALiBi slopes on the torch backend. float64 inputs now get float64 tables (kernels keep fp32).
+    from tolerances import assert_close
+    H, S, D = 2, 5, 4
+    if kind == "relative_bias":
+        param = torch.randn(H, 7, dtype=torch.float64)
+        make = lambda t: posattn.RelativeBias(t, max_distance=3)  # noqa: E731
+    elif kind == "urpe":
+        param = 1 + 0.3 * torch.randn(H, 7, dtype=torch.float64)
+        make = lambda t: posattn.URPE(t, max_distance=3)  # noqa: E731
+    else:
+        param = torch.rand(H, dtype=torch.float64) + 0.1
+        make = posattn.ALiBi
+    q, k, v = (torch.randn(1, H, S, D, dtype=torch.float64) for _ in range(3))
+
+    def f(q, k, v, t):
+        if api == "sdpa":
+            return posattn.scaled_dot_product_attention(q, k, v, is_causal=True, position=make(t), backend="torch")
+        out = posattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                      position=make(t), backend="torch")
+        return out.transpose(1, 2)
+
+    ro, _ = R.attention(q, k, v, causal=True, position=make(param))
+    assert_close(f(q, k, v, param), ro, torch.float64)
+    inputs = tuple(t.clone().requires_grad_(True) for t in (q, k, v, param))
+    assert torch.autograd.gradcheck(f, inputs)
+    # the kernels' copy stays fp32
+    pe = posattn.positional.kernel_args(make(param), batch_size=1, num_heads=H, seqlen_q=S, seqlen_k=S,
+                                        head_dim=D, offset=0, device="cpu")
+    assert all(t.dtype == torch.float32 for t in (pe.bias_table, pe.urpe_table, pe.alibi_slopes) if t is not None)

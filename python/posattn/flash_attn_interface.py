@@ -157,7 +157,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     offset = Sk - Sq
     spec = _alibi_position(position, alibi_slopes, B, H, q.device)
     pe = _attn.build_pe(spec, batch_size=B, num_heads=H, seqlen_q=Sq, seqlen_k=Sk, head_dim=D, offset=offset,
-                        device=q.device)
+                        device=q.device, input_dtype=q.dtype)
     out, lse = _attn.fused_attention(q, k, v, softmax_scale=softmax_scale, causal=causal, offset=offset,
                                      window_left=left, window_right=right, softcap=softcap, pe=pe,
                                      dropout_p=dropout_p, deterministic=deterministic, backend=backend)

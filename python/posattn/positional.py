@@ -184,13 +184,14 @@ class RoPE:
     def get_rotary_dim(self, head_dim: int) -> int:
         return _resolve_rotary_dim("rotary_dim", self.rotary_dim, head_dim)
 
-    def inv_freq(self, head_dim: int, device=None, seqlen: int | None = None) -> torch.Tensor:
-        """Scaled inverse frequencies, fp32 (rotary_dim // 2,) on ``device`` (computed in float64).
+    def inv_freq(self, head_dim: int, device=None, seqlen: int | None = None, *,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Scaled inverse frequencies (rotary_dim // 2,) on ``device``, computed in float64 and returned
+        in ``dtype`` (default fp32, the kernels' type; float64 for the torch backend's float64 inputs).
 
         ``seqlen`` is the current length, used by ``"dynamic"`` scaling only."""
         r = self.get_rotary_dim(head_dim)
-        return _ref.rope_inv_freq(head_dim, self.theta, r, self.scaling, seqlen, dtype=torch.float32,
-                                  device=device)
+        return _ref.rope_inv_freq(head_dim, self.theta, r, self.scaling, seqlen, dtype=dtype, device=device)
 
     def __repr__(self):
         return (f"RoPE(theta={self.theta}, rotary_dim={self.rotary_dim}, interleaved={self.interleaved}, "
@@ -244,9 +245,11 @@ class ALiBi:
                              f"num_heads={num_heads}), got {tuple(s.shape)}")
         return s if device is None else s.to(device)
 
-    def get_slopes(self, batch_size: int, num_heads: int, device=None) -> torch.Tensor:
-        """fp32 (batch_size, num_heads), contiguous, on ``device`` (differentiable w.r.t. ``slopes``)."""
-        s = self.slopes_for(batch_size, num_heads, device).to(torch.float32)
+    def get_slopes(self, batch_size: int, num_heads: int, device=None, *,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(batch_size, num_heads) in ``dtype`` (default fp32, the kernels' type), contiguous, on ``device``
+        (differentiable w.r.t. ``slopes``)."""
+        s = self.slopes_for(batch_size, num_heads, device).to(dtype)
         if s.dim() == 1:
             s = s.unsqueeze(0).expand(batch_size, num_heads)
         return s.contiguous()
@@ -365,9 +368,9 @@ class XPos:
     def get_rotary_dim(self, head_dim: int) -> int:
         return _resolve_rotary_dim("head_dim", None, head_dim)
 
-    def inv_freq(self, head_dim: int, device=None) -> torch.Tensor:
-        """fp32 (head_dim // 2,): ``theta ** (-2i / head_dim)``."""
-        return _ref.rope_inv_freq(head_dim, self.theta, dtype=torch.float32, device=device)
+    def inv_freq(self, head_dim: int, device=None, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(head_dim // 2,) in ``dtype`` (default fp32): ``theta ** (-2i / head_dim)``."""
+        return _ref.rope_inv_freq(head_dim, self.theta, dtype=dtype, device=device)
 
     def __repr__(self):
         return f"XPos(theta={self.theta}, scale_base={self.scale_base})"
@@ -532,6 +535,8 @@ def parse_position(position) -> PositionSpec:
 class KernelPE(NamedTuple):
     """What a kernel needs of the positional encodings; built by ``kernel_args`` (docs/INTERNALS.md).
 
+    Float tensors are fp32 (the Triton/CUDA kernels' type), or float64 when ``kernel_args`` was called
+    with ``dtype=torch.float64`` (the torch backend with float64 inputs, so gradcheck holds).
     Tensors are contiguous and on the call's device; learned ones (bias_table, urpe_table, phases,
     alibi_slopes) stay connected to the caller's parameters in autograd (the same object when it is
     already fp32, contiguous and on the device; else a differentiable copy), so the op layer can
@@ -564,7 +569,7 @@ def _to_kernel(t: torch.Tensor, device, dtype=torch.float32) -> torch.Tensor:
 
 
 def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_k: int, head_dim: int,
-                offset: int, device) -> KernelPE:
+                offset: int, device, dtype: torch.dtype = torch.float32) -> KernelPE:
     """Validate ``spec`` against one call and flatten it into the kernel-facing ``KernelPE``.
 
     Parameters
@@ -577,6 +582,10 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
         Query row i sits at position ``i + offset`` (0 top-left, ``seqlen_k - seqlen_q`` bottom-right).
     device : torch.device or str
         Where the kernel runs.
+    dtype : torch.float32 (default) or torch.float64, keyword
+        Of the float tensors (inv_freq, phases, alibi_slopes, bias_table, urpe_table). The Triton and
+        CUDA kernels take fp32; the torch backend takes float64 for float64 inputs (full precision,
+        ``torch.autograd.gradcheck`` holds).
 
     Returns
     -------
@@ -596,6 +605,8 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
     """
     spec = parse_position(spec)
     device = torch.device(device)
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype: expected torch.float32 or torch.float64, got {dtype}")
     out = {}
     rot, bias, urpe = spec
     if rot is not None:
@@ -603,7 +614,8 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
         if isinstance(rot, XPos):
             if head_dim % 2:
                 raise ValueError(f"{name}: XPos rotates the full head_dim, which must be even; got head_dim={head_dim}")
-            out.update(rotary_mode=2, rotary_dim=head_dim, interleaved=True, inv_freq=rot.inv_freq(head_dim, device),
+            out.update(rotary_mode=2, rotary_dim=head_dim, interleaved=True,
+                       inv_freq=rot.inv_freq(head_dim, device, dtype=dtype),
                        xpos_scale_base=rot.scale_base)
         elif isinstance(rot, LearnedPhaseRoPE):
             r = _resolve_rotary_dim(f"{name}.rotary_dim", rot.rotary_dim, head_dim)
@@ -614,7 +626,7 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
             if seqlen_q > 0 and (offset < 0 or seqlen_q + offset > seqlen_k):
                 raise ValueError(f"{name}.freqs: query rows sit at positions [{offset}, {seqlen_q + offset}), "
                                  f"outside the seqlen_k={seqlen_k} learned phases")
-            ph = _ref.learned_phases(fr.to(device=device, dtype=torch.float32), r)
+            ph = _ref.learned_phases(fr.to(device=device, dtype=dtype), r)
             ph = ph.expand(batch_size, -1, -1, -1).contiguous()
             out.update(rotary_mode=3, rotary_dim=r, interleaved=rot.interleaved, phases=ph)
         else:
@@ -636,13 +648,14 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
                 if ids.numel():
                     seqlen = int(ids.max()) + 1
             out.update(rotary_mode=1, rotary_dim=r, interleaved=rot.interleaved,
-                       rotary_scale=rot.attention_factor, inv_freq=rot.inv_freq(head_dim, device, seqlen),
+                       rotary_scale=rot.attention_factor,
+                       inv_freq=rot.inv_freq(head_dim, device, seqlen, dtype=dtype),
                        position_ids=ids)
     if bias is not None:
         name = spec.names["bias"]
         if isinstance(bias, ALiBi):
             try:
-                slopes = bias.get_slopes(batch_size, num_heads, device)
+                slopes = bias.get_slopes(batch_size, num_heads, device, dtype=dtype)
             except ValueError as err:
                 raise ValueError(str(err).replace("position.", f"{name}.", 1)) from None
             out.update(bias_mode=1, alibi_slopes=slopes)
@@ -651,13 +664,13 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
             if tuple(bias.table.shape) != want:
                 raise ValueError(f"{name}.table: expected (num_heads={want[0]}, 2*max_distance+1={want[1]}), "
                                  f"got {tuple(bias.table.shape)}")
-            out.update(bias_mode=2, bias_table=_to_kernel(bias.table, device), max_distance=bias.max_distance)
+            out.update(bias_mode=2, bias_table=_to_kernel(bias.table, device, dtype), max_distance=bias.max_distance)
         else:
             want = (bias.num_buckets, num_heads)
             if tuple(bias.table.shape) != want:
                 raise ValueError(f"{name}.table: expected (num_buckets={want[0]}, num_heads={want[1]}), "
                                  f"got {tuple(bias.table.shape)}")
-            out.update(bias_mode=3, bias_table=_to_kernel(bias.table, device), max_distance=bias.max_distance,
+            out.update(bias_mode=3, bias_table=_to_kernel(bias.table, device, dtype), max_distance=bias.max_distance,
                        num_buckets=bias.num_buckets, bidirectional=bias.bidirectional)
     if urpe is not None:
         name = spec.names["urpe"]
@@ -665,5 +678,5 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
         if tuple(urpe.table.shape) != want:
             raise ValueError(f"{name}.table: expected (num_heads={want[0]}, 2*max_distance+1={want[1]}), "
                              f"got {tuple(urpe.table.shape)}")
-        out.update(urpe_table=_to_kernel(urpe.table, device), urpe_max_distance=urpe.max_distance)
+        out.update(urpe_table=_to_kernel(urpe.table, device, dtype), urpe_max_distance=urpe.max_distance)
     return KernelPE(**out)

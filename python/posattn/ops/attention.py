@@ -267,15 +267,20 @@ def fused_attention(q, k, v, *, attn_mask=None, softmax_scale: float, causal: bo
     return out, lse
 
 
-def build_pe(position, *, batch_size, num_heads, seqlen_q, seqlen_k, head_dim, offset, device):
-    """KernelPE for ``position`` (None when there is nothing to fuse)."""
+def build_pe(position, *, batch_size, num_heads, seqlen_q, seqlen_k, head_dim, offset, device,
+             input_dtype=None):
+    """KernelPE for ``position`` (None when there is nothing to fuse).
+
+    ``input_dtype`` is q's dtype: float64 inputs (torch backend only) get float64 tables, slopes and
+    phases, so the torch backend keeps full precision; every other dtype gets the kernels' fp32."""
     if position is None:
         return None
     spec = _pos.parse_position(position)
     if not spec:
         return None
+    dtype = torch.float64 if input_dtype == torch.float64 else torch.float32
     return _pos.kernel_args(spec, batch_size=batch_size, num_heads=num_heads, seqlen_q=seqlen_q,
-                            seqlen_k=seqlen_k, head_dim=head_dim, offset=offset, device=device)
+                            seqlen_k=seqlen_k, head_dim=head_dim, offset=offset, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +443,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         attn_mask = m
 
     pe = build_pe(position, batch_size=nb, num_heads=heads, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
-                  head_dim=head_dim, offset=0, device=query.device)
+                  head_dim=head_dim, offset=0, device=query.device, input_dtype=query.dtype)
     out, _ = fused_attention(q4.transpose(1, 2), k4.transpose(1, 2), v4.transpose(1, 2), attn_mask=attn_mask,
                              softmax_scale=softmax_scale, causal=is_causal, offset=0, pe=pe,
                              dropout_p=dropout_p, backend=backend, name_q="query", name_v="value")
