@@ -423,7 +423,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         Deterministic backward (Triton backend; the torch backend always is).
     return_attn_probs : bool, default False
         If True, return ``(out, lse, None)`` as FlashAttention does: the attention probabilities are
-        never materialised, so the third entry is always None.
+        never materialised, so the third entry is always None. lse is differentiable on
+        ``backend="torch"``; on ``backend="triton"`` it is returned in the graph but the backward
+        raises RuntimeError if a non-zero gradient reaches lse (as ``flash_attn_func``): using lse
+        without differentiating through it is fine.
     position : positional encoding(s) of ``posattn.positional``, keyword
         RoPE, XPos, LearnedPhaseRoPE, ALiBi, RelativeBias, T5Bias, URPE or a list (one of each kind).
         Positions restart at 0 in every sequence (key j of sequence b is at j). Per-token data uses
@@ -849,7 +852,9 @@ def _triton_fwd(q, k, v, out, lse, cu_q, cu_k, pe, a: _Args, seed: int) -> None:
 
 
 class _VarlenTriton(torch.autograd.Function):
-    """Autograd glue of the Triton varlen path: saves out and lse (fp32), backward = one bwd launch."""
+    """Autograd glue of the Triton varlen path: saves out and lse (fp32), backward = one bwd launch.
+
+    lse stays in the graph (as in flash_attn_func): backward raises only if a non-zero gradient reaches it."""
 
     @staticmethod
     def forward(ctx, q, k, v, phases, bias_table, urpe_table, cu_q, cu_k, pe, a, seed):
@@ -858,12 +863,14 @@ class _VarlenTriton(torch.autograd.Function):
         _triton_fwd(q, k, v, out, lse, cu_q, cu_k, pe, a, seed)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.pe, ctx.a, ctx.seed = pe, a, seed
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         from . import attention as _attn
+        if dlse is not None and bool(dlse.any()):
+            raise RuntimeError("backend='triton': a gradient through the returned lse is not supported by the "
+                               "Triton backward; use backend='torch' to differentiate through lse")
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         pe, a = ctx.pe, ctx.a
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -892,10 +899,7 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args, need_lse_grad:
     from . import attention as _attn
     from .._checks import check_last_dim_contiguous
 
-    if need_lse_grad:
-        raise RuntimeError("backend='triton': a gradient through the returned lse is not supported by the Triton "
-                           "backward; use backend='torch' (or return_attn_probs=False)")
-    pe = _varlen_kernel_pe(q, a)
+    pe = _varlen_kernel_pe(q, a)  # need_lse_grad: checked in _VarlenTriton.backward (a non-zero dlse raises)
     _attn._check_backend_support("triton", q, k, v, None, pe, dropout_p=a.dropout_p)
     q, k, v = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     seed = _attn._draw_seed(a.dropout_p)
