@@ -109,13 +109,8 @@ def _varlen_case(data, backend):
         else:
             qa, ka, va = (with_layout(t, layout).requires_grad_(True) for t in (qp, kp, vp))
             snap = snapshot(q=qa, k=ka, v=va, cu_q=cu_q, cu_k=cu_k, alibi=alibi)
-            if triton:  # the Triton path refuses return_attn_probs=True when q/k/v require grad (documented)
-                with torch.no_grad():
-                    _, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
-                out = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k,
-                                                     **dict(kw, return_attn_probs=False))
-            else:
-                out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
+            # Triton: lse is returned in the graph; only a gradient flowing into it is refused (in backward)
+            out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu_q, cu_k, max_q, max_k, **kw)
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"

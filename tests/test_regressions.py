@@ -144,3 +144,30 @@ def test_float64_positional_tables_keep_float64_on_torch_backend(kind, api):
     pe = posattn.positional.kernel_args(make(param), batch_size=1, num_heads=H, seqlen_q=S, seqlen_k=S,
                                         head_dim=D, offset=0, device="cpu")
     assert all(t.dtype == torch.float32 for t in (pe.bias_table, pe.urpe_table, pe.alibi_slopes) if t is not None)
+
+
+@pytest.mark.interp
+def test_varlen_triton_return_attn_probs_with_grad_inputs():
+    # new-user report: flash_attn_varlen_func(..., return_attn_probs=True, backend="triton") raised at forward
+    # time when q/k/v required grad, even if lse was never differentiated; flash_attn_func only refuses a
+    # gradient that actually flows into lse (in backward). Varlen now does the same.
+    from tolerances import assert_close
+    q, k, v = (torch.randn(5, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    ro, rl = R.varlen_attention(q, k, v, cu, cu, causal=True)
+    qa, ka, va = (t.clone().requires_grad_(True) for t in (q, k, v))
+    out, lse, _ = posattn.flash_attn_varlen_func(qa, ka, va, cu, cu, 3, 3, causal=True, return_attn_probs=True,
+                                                 backend="triton")
+    assert_close(out, ro, torch.float32)
+    assert_close(lse, rl, torch.float32, name="lse")
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, [qa, ka, va], dout, retain_graph=True)
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    r64, _ = R.varlen_attention(q64, k64, v64, cu, cu, causal=True)
+    want = torch.autograd.grad(r64, [q64, k64, v64], dout.double())
+    for g, w, n in zip((dq, dk, dv), want, ("dq", "dk", "dv")):
+        assert_close(g, w, torch.float32, grad=True, name=n)
+    # a zero gradient into lse is no gradient; a non-zero one is refused, not dropped
+    torch.autograd.grad([out, lse], [qa], [dout, torch.zeros_like(lse)], retain_graph=True)
+    with pytest.raises(RuntimeError, match="gradient through the returned lse"):
+        torch.autograd.grad([out, lse], [qa], [dout, torch.ones_like(lse)])
