@@ -432,6 +432,31 @@ def test_module_redraw_policy():
         posattn.nn.KernelizedRPEAttention(8, 3, max_seqlen=8)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_module_factory_dtype_device_for_every_parameter_and_buffer(dtype):
+    # new-user report: KernelizedRPEAttention(dtype=torch.float64) still made rpe_bias and projection float32
+    layer = posattn.nn.KernelizedRPEAttention(8, 2, max_seqlen=8, num_features=6, dtype=dtype, device="cpu")
+    floats = {n: t.dtype for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
+              if t.is_floating_point()}
+    assert set(floats) >= {"rpe_bias", "projection", "q_proj.weight"} and set(floats.values()) == {dtype}, floats
+    assert all(t.device.type == "cpu" for t in list(layer.parameters()) + list(layer.buffers()))
+    layer.redraw_features()
+    assert layer.projection.dtype == dtype
+    x = torch.randn(1, 5, 8, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert layer.rpe_bias.grad.dtype == dtype
+    if dtype == torch.float64:   # float64 end to end: gradcheck through the whole layer
+        layer.zero_grad()
+        with torch.no_grad():
+            layer.rpe_bias.normal_()
+        layer.eval()                 # no feature redraw between gradcheck's calls
+        f = lambda x, b: torch.func.functional_call(layer, {"rpe_bias": b}, (x,))  # noqa: E731
+        assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(True),
+                                            layer.rpe_bias.detach().clone().requires_grad_(True)))
+
+
 def test_causal_prf_roundoff_warns_and_float64_fixes_it():
     """Early causal rows see only keys whose PRF features are tiny next to the sequence's largest one; fp32 FFT
     round-off (relative to that largest one) then reaches ~3e-3: a RuntimeWarning, and fft_dtype=float64 fixes it."""

@@ -45,7 +45,9 @@ class KernelizedRPEAttention(nn.Module):
     backend : str, default "auto"
         Passed to the op.
     device, dtype
-        Factory arguments for parameters.
+        Factory arguments (``torch.nn`` convention) for every parameter and floating-point buffer: the
+        projections, ``rpe_bias`` and the PRF ``projection``; None = CPU / ``torch.get_default_dtype()``.
+        The internal call counter is int64 on ``device``.
 
     Shapes
     ------
@@ -96,25 +98,26 @@ class KernelizedRPEAttention(nn.Module):
         self.k_proj = nn.Linear(embed_dim, num_heads_k * self.head_dim, bias=bias, **fk)
         self.v_proj = nn.Linear(embed_dim, num_heads_k * self.head_dim, bias=bias, **fk)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
-        # zeros: the layer starts as plain kernelized (linear) attention; learned in fp32
-        self.rpe_bias = nn.Parameter(torch.zeros(num_heads, 2 * self.max_seqlen - 1, device=device,
-                                                 dtype=torch.float32))
+        # zeros: the layer starts as plain kernelized (linear) attention
+        self.rpe_bias = nn.Parameter(torch.zeros(num_heads, 2 * self.max_seqlen - 1, **fk))
         if feature_map == "prf":
             m = num_features if num_features is not None else default_num_features(self.head_dim)
             self.num_features = check_int("num_features", m, minimum=1)
-            self.register_buffer("projection", draw_projection(self.num_features, self.head_dim,
-                                                               orthogonal=orthogonal, device=device))
+            self.register_buffer("projection", draw_projection(
+                self.num_features, self.head_dim, orthogonal=orthogonal, device=device,
+                dtype=dtype if dtype is not None else torch.get_default_dtype()))
         else:
             self.num_features = None
             self.register_buffer("projection", None)
-        self.register_buffer("_calls", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("_calls", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     @torch.no_grad()
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
         """Draw a new PRF projection in place (no-op for deterministic feature maps)."""
         if self.projection is not None:
             self.projection.copy_(draw_projection(self.num_features, self.head_dim, orthogonal=self.orthogonal,
-                                                  generator=generator, device=self.projection.device))
+                                                  generator=generator, device=self.projection.device,
+                                                  dtype=self.projection.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, ndim=3)
