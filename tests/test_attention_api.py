@@ -194,7 +194,7 @@ def test_bad_inputs_sdpa():
     _raises(ValueError, "attn_mask", sdpa, q, k, v, attn_mask=torch.ones(5, 7, dtype=torch.bool), is_causal=True)
     _raises(ValueError, "dropout_p", sdpa, q, k, v, dropout_p=1.5)
     _raises(ValueError, "backend", sdpa, q, k, v, backend="bogus")
-    _raises(RuntimeError, "cuda", sdpa, q, k, v, backend="cuda")
+    _raises(ValueError, "scaled_dot_product_attention has no .cuda. backend", sdpa, q, k, v, backend="cuda")
     _raises(ValueError, "table", sdpa, q, k, v, position=RelativeBias(T(3, 9), max_distance=4))
     _raises(ValueError, "position_ids", sdpa, q, k, v, position=RoPE(position_ids=torch.arange(5)))
     _raises(ValueError, "position_ids", sdpa, T(2, 4, 9, 16), k, v, position=RoPE(position_ids=torch.arange(7)))

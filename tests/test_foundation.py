@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import posattn
 from posattn import _backends, _checks
 from posattn.benchmarks import harness
 
@@ -61,8 +62,20 @@ def test_resolve_backend():
         _backends.resolve("tpu", cpu)
     with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
         _backends.resolve("cuda", cpu, supported=("cuda", "torch"))
-    with pytest.raises(RuntimeError, match="has no cuda implementation"):
-        _backends.resolve("cuda", cpu, supported=("triton", "torch"))
+    # the valid set named in the error is the op's own ("auto" + supported), never BACKENDS
+    with pytest.raises(ValueError, match=r"backend: expected one of 'auto', 'triton', 'torch', got 'cuda' "
+                                         r"\(sdpa has no 'cuda' backend\)"):
+        _backends.resolve("cuda", cpu, supported=("triton", "torch"), op="sdpa")
+    with pytest.raises(ValueError, match=r"expected one of 'auto', 'triton', 'torch', got 'cdua'$"):
+        _backends.resolve("cdua", cpu, supported=("triton", "torch"))
+    for name, call in (("scaled_dot_product_attention", lambda b: posattn.scaled_dot_product_attention(
+            torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), backend=b)),
+                       ("flash_attn_func", lambda b: posattn.flash_attn_func(
+            torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4), backend=b))):
+        with pytest.raises(ValueError, match=r"expected one of 'auto', 'triton', 'torch', got 'cdua'$"):
+            call("cdua")
+        with pytest.raises(ValueError, match=rf"got 'cuda' \({name} has no 'cuda' backend\)"):
+            call("cuda")
 
 
 @pytest.mark.parametrize("sq, sk, causal, offset, window", [

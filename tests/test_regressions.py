@@ -11,7 +11,7 @@ import torch
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import check_close, grads, poisoned_allocations
+from fuzz_helpers import check_close, grad_floor, grads, poisoned_allocations
 
 
 def test_rope_position_ids_with_seqlen_k_zero():
@@ -91,23 +91,79 @@ def test_reference_varlen_alibi_slopes_with_position():
     assert torch.equal(out, want)
 
 
+def _hidden_key_case(case):
+    """(q, k, v (B, H|Hk, S, D) fp32, kwargs of R.attention, run(q, k, v, *leaves) -> out (B, H, Sq, D),
+    leaves, hidden (B, Hk, Sk) bool: keys no query of the kv head's group sees)."""
+    from fuzz_helpers import hidden_keys, visibility
+    g = torch.Generator().manual_seed(0)
+    B, H, Hk, D = 1, 2, 1, 16
+    Sq, Sk = (1, 2) if case == "causal_1x2" else (3, 40)
+    q = torch.randn(B, H, Sq, D, generator=g)
+    k = torch.randn(B, Hk, Sk, D, generator=g)
+    v = torch.randn(B, Hk, Sk, D, generator=g)
+    leaves, ref_kw = [], {}
+    if case in ("causal_1x2", "causal"):
+        ref_kw = dict(causal=True)
+        allowed = visibility(B, H, Sq, Sk, causal=True, offset=0)
+
+        def run(q, k, v):
+            return posattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True, backend="triton")
+    elif case == "window":   # bottom-right causal, window (4, 0): keys 0..32 hidden, key 32 in a visible block
+        ref_kw = dict(causal=True, offset=Sk - Sq, window_size=(4, 0), softcap=2.0)
+        allowed = visibility(B, H, Sq, Sk, causal=True, offset=Sk - Sq, left=4, right=0)
+
+        def run(q, k, v):
+            out = posattn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                          window_size=(4, 0), softcap=2.0, backend="triton")
+            return out.transpose(1, 2)
+    else:                    # key padding (bool) / -inf float mask; learned phases read the hidden keys too
+        pad = torch.rand(B, 1, 1, Sk, generator=g) < 0.5
+        pad[..., :2] = True
+        if case == "float_mask":
+            mask = torch.randn(B, 1, 1, Sk, generator=g).masked_fill(~pad, float("-inf"))
+            allowed = visibility(B, H, Sq, Sk, causal=False, offset=0, float_mask=mask)
+        else:
+            mask = pad
+            allowed = visibility(B, H, Sq, Sk, causal=False, offset=0, bool_mask=mask)
+        ref_kw = dict(attn_mask=mask)
+        if case == "phases_mask":
+            leaves = [(0.2 + 0.8 * torch.rand(B, H, Sk, generator=g)).requires_grad_(True)]
+
+        def run(q, k, v, *fr):
+            pos = posattn.LearnedPhaseRoPE(fr[0]) if fr else None
+            return posattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True, position=pos,
+                                                        backend="triton")
+    return q, k, v, ref_kw, run, leaves, hidden_keys(allowed, Hk)
+
+
 @pytest.mark.interp
-@pytest.mark.xfail(strict=True, reason="Triton fused attention reads keys hidden by the causal mask inside a partly "
-                   "visible key block: p = 0 but p @ v forms 0 * NaN = NaN (fix: zero the v/k columns no query of "
-                   "the row block sees, forward and backward, in triton_kernels/fused_attention.py)")
-def test_causally_hidden_nan_keys_leak_into_triton_kernel():
+@pytest.mark.parametrize("case", ["causal_1x2", "causal", "window", "bool_mask", "float_mask", "phases_mask"])
+def test_causally_hidden_nan_keys_leak_into_triton_kernel(case):
     # test_fuzz_sdpa_triton: seed=0, float32, batch=1, heads=(1, 1), seqlen_q=1, seqlen_k=2, head_dim=16,
     # is_causal=True, poison_hidden_keys=nan (key 1 is hidden from the only query, top-left causal)
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, 1, 16, generator=g)
-    k = torch.randn(1, 1, 2, 16, generator=g)
-    v = torch.randn(1, 1, 2, 16, generator=g)
-    ro, _ = R.attention(q, k, v, causal=True)
-    kp, vp = k.clone(), v.clone()
-    kp[:, :, 1:], vp[:, :, 1:] = float("nan"), float("nan")
-    with poisoned_allocations():
-        out = posattn.scaled_dot_product_attention(q, kp, vp, is_causal=True, backend="triton")
-    check_close(out, ro, torch.float32)
+    # The Triton kernels read keys hidden by the causal mask / window / attn_mask inside a partly visible key
+    # block: p = 0 but p @ v (and dp = dO v^T, ds @ k, the phase gradient) formed 0 * NaN = NaN. Keys no query
+    # sees are now never read (zeros), forward and backward; results must equal the clean float64 truth.
+    q, k, v, ref_kw, run, leaves, hid = _hidden_key_case(case)
+    assert hid.any() and not hid.all()
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    ref_pos = None if not leaves else posattn.LearnedPhaseRoPE(leaves[0])
+    ro, _ = R.attention(q64, k64, v64, position=ref_pos, **ref_kw)
+    dout = torch.randn(ro.shape, generator=torch.Generator().manual_seed(1))
+    want = grads(ro, [q64, k64, v64] + leaves, dout.double())
+    for fill in (float("nan"), float("inf")):
+        kp, vp = k.clone(), v.clone()
+        kp[hid], vp[hid] = fill, -fill
+        qa, ka, va = (t.clone().requires_grad_(True) for t in (q, kp, vp))
+        with poisoned_allocations():
+            out = run(qa, ka, va, *leaves)
+            got = grads(out, [qa, ka, va] + leaves, dout)
+        check_close(out, ro, torch.float32)
+        names = ["dq", "dk", "dv", "d_leaf0"][:len(got)]
+        for gt, w, n, f in zip(got, want, names, grad_floor(want, names, positions=k.shape[2])):
+            check_close(gt, w, torch.float32, grad=True, name=n, scale=f,
+                        terms=q.numel() // q.shape[-1] * k.shape[2] if n == "d_leaf0" else None)
+        assert (got[1][hid] == 0).all() and (got[2][hid] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["relative_bias", "urpe", "alibi_slopes"])
@@ -171,3 +227,50 @@ def test_varlen_triton_return_attn_probs_with_grad_inputs():
     torch.autograd.grad([out, lse], [qa], [dout, torch.zeros_like(lse)], retain_graph=True)
     with pytest.raises(RuntimeError, match="gradient through the returned lse"):
         torch.autograd.grad([out, lse], [qa], [dout, torch.ones_like(lse)])
+
+
+def test_error_messages_a_new_user_met():
+    # new-user report: messages that hid the cause. Each names the argument and now says the likely fix.
+    sdpa = posattn.scaled_dot_product_attention
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    layout = r"layout: the SDPA drop-in takes \(batch, heads, seq, head_dim\); flash_attn_func takes"
+    # forgetting enable_gqa: the hint was unreachable behind the broadcast check
+    with pytest.raises(ValueError, match=r"^key: num_heads_k=2 differs .*pass enable_gqa=True for grouped-query"):
+        sdpa(q, k, k)
+    # heads that no GQA explains: no GQA hint, but the layout hint (q given as (B, S, H, D))
+    with pytest.raises(ValueError, match=layout) as err:
+        sdpa(q.transpose(1, 2), q, q)                     # query (2, 6, 4, 8): 6 "heads" vs 4
+    assert "enable_gqa" not in str(err.value)
+    with pytest.raises(ValueError, match=r"^key: enable_gqa=True needs .*" + layout):
+        sdpa(q.transpose(1, 2), q, q, enable_gqa=True)
+    with pytest.raises(ValueError, match=r"^k: num_heads=4 must be a multiple of num_heads_k.*" + layout):
+        posattn.flash_attn_func(torch.randn(2, 6, 4, 8), torch.randn(2, 6, 3, 8), torch.randn(2, 6, 3, 8))
+    # kernelized_rpe_attention in the (B, S, H, D) layout blamed rpe_bias
+    qs = torch.randn(1, 10, 2, 8)
+    with pytest.raises(ValueError, match=r"^q: expected \(batch_size, num_heads, seqlen_q, head_dim\).*transpose"):
+        posattn.kernelized_rpe_attention(qs, qs, qs, torch.zeros(2, 19))
+    with pytest.raises(ValueError, match=r"^rpe_bias: expected \(num_heads=2, seqlen_q \+ seqlen_k - 1=19\)"):
+        posattn.kernelized_rpe_attention(qs.transpose(1, 2), qs.transpose(1, 2), qs.transpose(1, 2), torch.zeros(2, 18))
+    # mask dtype list without duplicates
+    with pytest.raises(TypeError, match=r"^attn_mask: expected dtype in \(bool, float32\), got int64$"):
+        sdpa(q, q, q, attn_mask=torch.ones(6, 6, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"^attn_mask: expected dtype in \(bool, float32, float16\), got int64$"):
+        sdpa(q.half(), q.half(), q.half(), attn_mask=torch.ones(6, 6, dtype=torch.int64))
+    # apply_rotary(inplace=True) on a leaf that requires grad: a ValueError naming x, x untouched
+    x = torch.randn(1, 4, 2, 8, requires_grad=True)
+    before = x.detach().clone()
+    cos, sin = torch.randn(4, 4), torch.randn(4, 4)
+    for arg in (x, x[:, :3]):
+        with pytest.raises(ValueError, match=r"^x: inplace=True cannot write into a leaf tensor that requires grad"):
+            posattn.apply_rotary(arg, cos, sin, inplace=True)
+    assert torch.equal(x.detach(), before)
+    with torch.no_grad():  # allowed without autograd, as torch allows it
+        assert posattn.apply_rotary(x, cos, sin, inplace=True) is x
+    # backend typos list the op's own backends only
+    with pytest.raises(ValueError, match=r"^backend: expected one of 'auto', 'triton', 'torch', got 'cdua'$"):
+        sdpa(q, q, q, backend="cdua")
+    with pytest.raises(ValueError, match=r"got 'cuda' \(scaled_dot_product_attention has no 'cuda' backend\)$"):
+        sdpa(q, q, q, backend="cuda")
+    codes = torch.ones(1, 1, 4, 8)
+    with pytest.raises(ValueError, match=r"^backend: expected one of 'auto', 'triton', 'cuda', 'torch', got 'x'$"):
+        posattn.ecoformer_attention(codes, codes, torch.randn(1, 1, 4, 8), backend="x")

@@ -77,11 +77,21 @@ def cuda_ext_available(device: torch.device) -> bool:
 def resolve(backend: str, device: torch.device, *, supported=("triton", "torch"), op: str = "op") -> str:
     """Pick the backend for one call.
 
-    ``supported`` lists the backends that op has, in order of preference on a GPU.
-    Raises ValueError for an unknown name and RuntimeError for a known one that cannot run here.
+    ``supported`` lists the backends that op has, in order of preference on a GPU (for
+    ``backend="auto"`` an op may pass only those auto may pick).
+    Raises ValueError for a name that is not one of ``"auto"`` + ``supported`` (the message lists
+    exactly those), RuntimeError for one of them that cannot run here.
+
+    >>> import torch
+    >>> resolve("auto", torch.device("cpu"))
+    'torch'
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+    if backend == "auto" or backend not in supported:
+        valid = ("auto",) + tuple(supported)
+        if backend not in valid:
+            why = f" ({op} has no {backend!r} backend)" if backend in BACKENDS else ""
+            raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in valid)}, "
+                             f"got {backend!r}{why}")
     if backend == "auto":
         if device.type == "cuda":
             for b in supported:
@@ -90,9 +100,6 @@ def resolve(backend: str, device: torch.device, *, supported=("triton", "torch")
                 if b == "cuda" and cuda_ext_available(device):
                     return b
         return "torch"
-    if backend not in supported:
-        raise RuntimeError(f"backend={backend!r}: {op} has no {backend} implementation "
-                           f"(it has: {', '.join(supported)})")
     if backend == "triton" and not triton_available(device):
         why = ("triton is not installed" if triton_version() is None else
                f"tensors are on {device}; Triton runs on CUDA devices, or on CPU with TRITON_INTERPRET=1")

@@ -67,8 +67,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Parameters
     ----------
     q : Tensor (batch_size, seqlen_q, num_heads, head_dim)
-        float16, bfloat16 or float32 (float64 on ``backend="torch"``); any strides (a last-dim stride
-        other than 1 is copied once for the Triton backend).
+        float16, bfloat16 or float32; float64 on ``backend="torch"`` only (the default on CPU; full
+        float64 precision, positional tables included, so gradcheck holds; the Triton kernels raise
+        TypeError). ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` do not take float64 on
+        any backend. Any strides (a last-dim stride other than 1 is copied once for the Triton backend).
     k : Tensor (batch_size, seqlen_k, num_heads_k, head_dim), same dtype/device; num_heads must be a
         multiple of num_heads_k (MQA/GQA: query head h reads kv head ``h // (num_heads // num_heads_k)``).
     v : Tensor (batch_size, seqlen_k, num_heads_k, head_dim_v)
@@ -144,7 +146,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Sk, Hk = k.shape[1], k.shape[2]
     if Hk < 1 or H % Hk:
         raise ValueError(f"k: num_heads={H} must be a multiple of num_heads_k, got num_heads_k={Hk} "
-                         f"(shape {tuple(k.shape)})")
+                         f"(q {tuple(q.shape)}, k {tuple(k.shape)}); {_attn.LAYOUT_HINT}")
     dropout_p = check_float("dropout_p", dropout_p, minimum=0.0, maximum=1.0)
     softmax_scale = check_float("softmax_scale", softmax_scale, allow_none=True)
     softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale

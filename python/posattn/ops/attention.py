@@ -35,6 +35,9 @@ ops_registry.register("fused_attention", "posattn.ops.attention", ("triton", "to
 _PE_TENSORS = ("inv_freq", "position_ids", "phases", "alibi_slopes", "bias_table", "urpe_table")
 _PE_SCALARS = ("rotary_mode", "rotary_dim", "interleaved", "rotary_scale", "xpos_scale_base", "bias_mode",
                "max_distance", "num_buckets", "bidirectional", "urpe_max_distance")
+# appended to head-count mismatch errors: the most common cause is the other API's layout
+LAYOUT_HINT = ("layout: the SDPA drop-in takes (batch, heads, seq, head_dim); flash_attn_func takes "
+               "(batch, seq, heads, head_dim)")
 # inputs of the forward op that can receive a gradient, in the order of the backward op's outputs
 _GRAD_INPUTS = ("q", "k", "v", "attn_mask", "phases", "alibi_slopes", "bias_table", "urpe_table")
 
@@ -253,7 +256,8 @@ def fused_attention(q, k, v, *, attn_mask=None, softmax_scale: float, causal: bo
     attn_mask None or 4-D broadcastable to (batch, heads, seqlen_q, seqlen_k), pe a ``KernelPE`` or None.
     Returns (out (batch, seqlen_q, heads, head_dim_v), lse fp32 (batch, heads, seqlen_q)).
     """
-    name = _backends.resolve(backend, q.device, supported=("triton", "torch"), op="fused_attention")
+    op = "scaled_dot_product_attention" if name_q == "query" else "flash_attn_func"
+    name = _backends.resolve(backend, q.device, supported=("triton", "torch"), op=op)
     _check_backend_support(name, q, k, v, attn_mask, pe, dropout_p, name_q=name_q, name_v=name_v)
     if name == "triton":
         from .._checks import check_last_dim_contiguous
@@ -397,21 +401,25 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     nd = max(in_ndim, 3)
     q_, k_, v_ = (t.reshape((1,) * (nd - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     hq, hk, hv = q_.shape[-3], k_.shape[-3], v_.shape[-3]
+    shapes = {"query": tuple(query.shape), "key": tuple(key.shape), "value": tuple(value.shape)}
     if enable_gqa:
         for n, h in (("key", hk), ("value", hv)):
             if h < 1 or hq % h:
                 raise ValueError(f"{n}: enable_gqa=True needs num_heads={hq} (query) to be a multiple of "
-                                 f"num_heads_k, got num_heads_k={h}")
+                                 f"num_heads_k, got num_heads_k={h} (query {shapes['query']}, {n} {shapes[n]}); "
+                                 f"{LAYOUT_HINT}")
         heads = hq
         if hk != hv:  # one kv head count for the kernels: repeat the one with fewer heads (copy)
             hmax = max(hk, hv)
             k_ = k_.repeat_interleave(hmax // hk, dim=-3) if hk != hmax else k_
             v_ = v_.repeat_interleave(hmax // hv, dim=-3) if hv != hmax else v_
     else:
+        for n, h in (("key", hk), ("value", hv)):
+            if h != hq and h != 1 and hq != 1:  # neither equal nor broadcast
+                gqa = " pass enable_gqa=True for grouped-query attention;" if h >= 1 and hq % h == 0 else ""
+                raise ValueError(f"{n}: num_heads_k={h} differs from query's num_heads={hq} and does not broadcast "
+                                 f"(query {shapes['query']}, {n} {shapes[n]});{gqa} {LAYOUT_HINT}")
         heads = _broadcast("key", [(hq,), (hk,), (hv,)], "num_heads of key/value")[0]
-        if hk != hq and hk != 1 and hq != 1:
-            raise ValueError(f"key: num_heads_k={hk} differs from query's num_heads={hq}; "
-                             f"pass enable_gqa=True for grouped-query attention")
     bshape = _broadcast("key", [q_.shape[:-3], k_.shape[:-3], v_.shape[:-3]], "batch dims of key/value")
     seqlen_q, seqlen_k = q_.shape[-2], k_.shape[-2]
     hkv = k_.shape[-3] if enable_gqa else heads
@@ -424,7 +432,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     if attn_mask is not None:
         if is_causal:
             raise ValueError("attn_mask: expected None when is_causal=True (pass one or the other), got a tensor")
-        check_tensor("attn_mask", attn_mask, dtypes=(torch.bool, torch.float32, query.dtype))
+        check_tensor("attn_mask", attn_mask, dtypes=dict.fromkeys((torch.bool, torch.float32, query.dtype)))
         if attn_mask.device != query.device:
             raise ValueError(f"attn_mask: expected device {query.device} (same as query), got {attn_mask.device}")
         full = bshape + (heads, seqlen_q, seqlen_k)

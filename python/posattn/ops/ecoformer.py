@@ -516,7 +516,7 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
         keep = (~key_padding_mask).to(torch.float32)
 
     # "cuda" (posattn._C) only when asked for by name: "auto" never picks it (not yet run on a GPU).
-    supported = ("triton", "cuda", "torch") if backend == "cuda" else ("triton", "torch")
+    supported = ("triton", "torch") if backend == "auto" else ("triton", "cuda", "torch")
     be = _backends.resolve(backend, v.device, supported=supported, op="ecoformer_attention")
     if be == "cuda":
         _check_cuda_backend(causal, num_bits, v, key_padding_mask)

@@ -515,8 +515,17 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if rpe_bias.device != q.device:
         raise ValueError(f"rpe_bias: expected device {q.device} (same as q), got {rpe_bias.device}")
     if tuple(rpe_bias.shape) != (heads, n + s - 1):
+        bshd = (q.shape[2], q.shape[1] + k.shape[1] - 1)
+        if tuple(rpe_bias.shape) == bshd and q.shape[2] % max(k.shape[2], 1) == 0:
+            # rpe_bias fits q/k/v read as (batch, seq, heads, head_dim): the layout is what is wrong
+            raise ValueError(f"q: expected (batch_size, num_heads, seqlen_q, head_dim), got {tuple(q.shape)}, which "
+                             f"looks like (batch, seq, heads, head_dim) (rpe_bias {tuple(rpe_bias.shape)} fits "
+                             f"num_heads={q.shape[2]}, seqlen_q={q.shape[1]}); kernelized_rpe_attention takes the "
+                             f"SDPA layout (batch, heads, seq, head_dim): pass q.transpose(1, 2), k.transpose(1, 2), "
+                             f"v.transpose(1, 2)")
         raise ValueError(f"rpe_bias: expected (num_heads={heads}, seqlen_q + seqlen_k - 1={n + s - 1}) "
-                         f"(entry j - i + seqlen_q - 1 for query i, key j), got {tuple(rpe_bias.shape)}")
+                         f"(entry j - i + seqlen_q - 1 for query i, key j; q/k/v read as (batch, heads, seq, "
+                         f"head_dim): q {tuple(q.shape)}, k {tuple(k.shape)}), got {tuple(rpe_bias.shape)}")
     for name, flag in (("causal", causal), ("normalize_qk", normalize_qk)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")

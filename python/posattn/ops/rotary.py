@@ -147,7 +147,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     inplace : bool, default False
         True: write the result into ``x`` and return ``x`` (x is modified). With autograd active the result
         is computed into a new buffer and copied into x (the copy is recorded by autograd; x must not be
-        a leaf that requires grad). False: x is not modified; a new contiguous tensor is returned.
+        a leaf that requires grad, nor a view of one: ValueError). False: x is not modified; a new
+        contiguous tensor is returned.
     backend : {"auto", "triton", "torch", "cuda"}
         "auto": Triton for CUDA tensors, torch for CPU tensors; never "cuda". "cuda": the CUDA C++
         kernel (``csrc/rope.cu`` via ``posattn._cuda.apply_rotary_cuda``; forward, and the backward of
@@ -164,7 +165,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         Non-tensors, unsupported dtypes (float64 with backend "triton" or "cuda"), cos/sin dtypes that
         differ, non-integer position_ids.
     ValueError
-        Wrong ranks or shapes (cos vs sin, rotary_dim > head_dim, position_ids shape), a table too short
+        ``inplace=True`` on a leaf that requires grad (with autograd enabled);
+        wrong ranks or shapes (cos vs sin, rotary_dim > head_dim, position_ids shape), a table too short
         for the tokens (``position_ids`` values outside [0, seqlen_ro), or seqlen_ro < seqlen without
         position_ids), tensors on different devices.
     RuntimeError
@@ -196,6 +198,12 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     for n, val in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(val, bool):
             raise TypeError(f"{n}: expected a bool, got {type(val).__name__}")
+    base = x if x._base is None else x._base
+    if inplace and torch.is_grad_enabled() and base.is_leaf and base.requires_grad:
+        raise ValueError(f"x: inplace=True cannot write into a leaf tensor that requires grad (or a view of one); "
+                         f"autograd forbids it. Got x{' (a view)' if x is not base else ''} with requires_grad=True: pass "
+                         f"inplace=False, a non-leaf x (e.g. the output of a projection), or run under "
+                         f"torch.no_grad()")
     d = Dims()
     d.check("x", x, ("batch", "seqlen", "num_heads", "head_dim"))
     d.check("cos", cos, ("seqlen_ro", "rotary_dim/2"))
