@@ -295,7 +295,9 @@ class T5Bias:
 
     Raffel et al., arXiv 1910.10683; the bucket function of transformers'
     ``T5Attention._relative_position_bucket`` (ALGORITHMS.md 5.3). T5 does not scale logits by
-    ``1/sqrt(d)``: pass ``softmax_scale=1.0`` to reproduce T5.
+    ``1/sqrt(d)``: to reproduce T5 pass ``scale=1.0`` to the SDPA drop-in
+    (``posattn.scaled_dot_product_attention``) or ``softmax_scale=1.0`` to ``flash_attn_func`` and
+    the other FlashAttention-style functions.
 
     Parameters
     ----------
