@@ -1,6 +1,6 @@
 """EcoFormer linear attention on bit-packed binary codes (Triton).
 
-EcoFormer (Liu et al., NeurIPS 2022, arXiv 2209.09004); math in ALGORITHMS.md section 4 and the
+EcoFormer (Liu et al., NeurIPS 2022, arXiv 2209.09004); math in docs/ALGORITHMS.md section 4 and the
 float64 truth in ``posattn.reference.ecoformer_linear``. Launchers take validated tensors and
 preallocated outputs; no autograd, checks or policy here (``posattn.ops.ecoformer`` does those).
 

@@ -1,6 +1,6 @@
 """LeanAttention decode kernel (stream-K over a KV cache) in Triton.
 
-Source: LeanAttention, Sanovar et al., arXiv 2405.10480 (ALGORITHMS.md section 1); the schedule
+Source: LeanAttention, Sanovar et al., arXiv 2405.10480 (docs/ALGORITHMS.md section 1); the schedule
 arrays are documented in ``posattn.scheduling`` (one format for "lean", "split" and "single").
 
 What has run: everything here under the Triton interpreter on CPU (``TRITON_INTERPRET=1``) with

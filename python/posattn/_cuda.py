@@ -164,7 +164,7 @@ def apply_rotary_cuda(x, cos, sin, *, interleaved=False, conj=False, position_id
 
 def unpad_index_cuda(mask):
     """Packed-row indices and cu_seqlens of a (batch, seqlen) validity mask, in one kernel
-    (ByteTransformer's index build, arXiv 2210.03052; ALGORITHMS.md 2).
+    (ByteTransformer's index build, arXiv 2210.03052; docs/ALGORITHMS.md 2).
 
     Parameters
     ----------
@@ -407,7 +407,7 @@ def _schedule_tensors(schedule, device) -> dict:
 
 def lean_decode_cuda(q, k_cache, v_cache, seqlens_k, schedule, *, softmax_scale=None, causal=False, block_table=None,
                      alibi_slopes=None, inv_freq=None, rotary_interleaved=False, out=None, lse=None, workspace=None):
-    """LeanAttention stream-K decode (Sanovar et al., arXiv 2405.10480; ALGORITHMS.md 1).
+    """LeanAttention stream-K decode (Sanovar et al., arXiv 2405.10480; docs/ALGORITHMS.md 1).
 
     Parameters
     ----------
@@ -542,7 +542,7 @@ def _eco(op, q_codes, k_codes, v, nbits, kv_lens, out, repo_form, linear):
 
 
 def ecoformer_pairwise_cuda(q_codes, k_codes, v, *, nbits, kv_lens=None, out=None):
-    """EcoFormer attention, quadratic form on packed bits (Liu et al., arXiv 2209.09004; ALGORITHMS.md 4):
+    """EcoFormer attention, quadratic form on packed bits (Liu et al., arXiv 2209.09004; docs/ALGORITHMS.md 4):
     ``out_i = sum_j w_ij v_j / sum_j w_ij`` with ``w_ij = (nbits - 2 popc(h_i ^ h_j)) + nbits + 1``.
 
     Parameters
@@ -562,7 +562,7 @@ def ecoformer_pairwise_cuda(q_codes, k_codes, v, *, nbits, kv_lens=None, out=Non
 
 
 def ecoformer_linear_cuda(q_codes, k_codes, v, *, nbits, kv_lens=None, repo_form=False, out=None):
-    """EcoFormer attention, linear form by sign-selected accumulation (ALGORITHMS.md 4):
+    """EcoFormer attention, linear form by sign-selected accumulation (docs/ALGORITHMS.md 4):
     ``M = sum_j h_j v_j^T = 2 sum_{bit=1} v_j - sum_j v_j``, ``z = sum_j h_j``,
     ``out_i = [h_i^T M + (b+1) S] / [h_i^T z + N (b+1)]`` with ``S = sum_j v_j`` (consistent form,
     equal to the pairwise form) or ``S = v_i`` when ``repo_form=True`` (ziplab/EcoFormer's code;

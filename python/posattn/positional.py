@@ -28,7 +28,7 @@ LearnedPhaseRoPE   CARoPE: per-token/head cumulated phases     Veisi et al. arXi
 Combine at most one rotary (RoPE / XPos / LearnedPhaseRoPE), one additive bias (ALiBi /
 RelativeBias / T5Bias) and one URPE by passing a list (``parse_position``). RoPE + ALiBi with
 user-chosen slopes (e.g. harmonic ``1/h``) is the "factored RoPE + ALiBi" composition of
-ALGORITHMS.md 5.7.
+docs/ALGORITHMS.md 5.7.
 
 Example
 -------
@@ -143,7 +143,7 @@ class RoPE:
         ``high_freq_factor`` (4), ``original_max_position_embeddings`` (8192); yarn needs
         ``original_max_position_embeddings`` and takes ``beta_fast`` (32), ``beta_slow`` (1),
         ``attention_factor``, ``mscale``, ``mscale_all_dim``, ``truncate`` (True). Formulas of
-        transformers' ``modeling_rope_utils.py`` (ALGORITHMS.md 5.1). Unknown keys raise.
+        transformers' ``modeling_rope_utils.py`` (docs/ALGORITHMS.md 5.1). Unknown keys raise.
     position_ids : int Tensor (seqlen_k,) or (batch_size or 1, seqlen_k), or None
         Rotation positions of the keys; query row i uses ``position_ids[..., i + offset]``.
         None = ``arange``. Kept by reference.
@@ -294,7 +294,7 @@ class T5Bias:
     """T5 relative position bias: ``table[bucket(pk - pq), h]`` added to the logits.
 
     Raffel et al., arXiv 1910.10683; the bucket function of transformers'
-    ``T5Attention._relative_position_bucket`` (ALGORITHMS.md 5.3). T5 does not scale logits by
+    ``T5Attention._relative_position_bucket`` (docs/ALGORITHMS.md 5.3). T5 does not scale logits by
     ``1/sqrt(d)``: to reproduce T5 pass ``scale=1.0`` to the SDPA drop-in
     (``posattn.scaled_dot_product_attention``) or ``softmax_scale=1.0`` to ``flash_attn_func`` and
     the other FlashAttention-style functions.
@@ -341,7 +341,7 @@ class T5Bias:
 class XPos:
     """xPos (Sun et al., arXiv 2212.10554; torchscale ``XPOS``): interleaved RoPE over the full head_dim
     with ``theta_i = theta**(-2i/d)``, and a per-pair decay ``zeta_i ** ((pq - pk) / scale_base)``,
-    ``zeta_i = (2i + 0.4 d) / (1.4 d)`` (ALGORITHMS.md 5.4). Non-causal keys after the query grow
+    ``zeta_i = (2i + 0.4 d) / (1.4 d)`` (docs/ALGORITHMS.md 5.4). Non-causal keys after the query grow
     as ``zeta_i ** (-(pk - pq)/scale_base)``; prefer it with causal masking.
 
     Parameters
@@ -409,7 +409,7 @@ class URPE:
 class LearnedPhaseRoPE:
     """CARoPE (Veisi et al., arXiv 2507.23083): RoPE whose phases accumulate learned per-token,
     per-head frequencies: ``phase_i(m) = sum_{t <= m} freqs[b, h, t] ** i``, i = 0..rotary_dim/2-1
-    (ALGORITHMS.md 5.6; the bounded map producing ``freqs``, e.g. ``1/(softplus(x W) + 1)``, is the
+    (docs/ALGORITHMS.md 5.6; the bounded map producing ``freqs``, e.g. ``1/(softplus(x W) + 1)``, is the
     caller's). Constant ``freqs = theta**(-2/r)`` reproduces RoPE scores exactly.
 
     Parameters

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-# ==== section: positional encodings and dense attention (ALGORITHMS.md 5.1-5.7) ====
+# ==== section: positional encodings and dense attention (docs/ALGORITHMS.md 5.1-5.7) ====
 #
 # Conventions of this section (shared with python/posattn/positional.py and the torch backend):
 #
@@ -59,7 +59,7 @@ def rope_inv_freq(head_dim: int, theta: float = 10000.0, rotary_dim: int | None 
         ``"llama3"`` (keys ``low_freq_factor`` = 1, ``high_freq_factor`` = 4,
         ``original_max_position_embeddings`` = 8192) or ``"yarn"`` (``beta_fast`` = 32,
         ``beta_slow`` = 1, ``original_max_position_embeddings``, ``truncate`` = True), and
-        ``"factor"`` = s. Formulas of transformers' ``modeling_rope_utils.py`` (ALGORITHMS.md 5.1).
+        ``"factor"`` = s. Formulas of transformers' ``modeling_rope_utils.py`` (docs/ALGORITHMS.md 5.1).
     seqlen : int or None
         Current sequence length ``L``, used only by ``"dynamic"`` (None: no dynamic rescale).
     dtype, device
@@ -170,7 +170,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
     interleaved : bool
         False: GPT-NeoX / Llama half-rotated pairs ``(i, i + r/2)``; True: GPT-J pairs ``(2i, 2i+1)``.
 
-    Each pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)`` (ALGORITHMS.md 5.1). The result has
+    Each pair ``(a, b)`` becomes ``(a cos - b sin, a sin + b cos)`` (docs/ALGORITHMS.md 5.1). The result has
     the promoted dtype of x and cos; x is not modified.
 
     Examples
@@ -202,7 +202,7 @@ def alibi_slopes(num_heads: int, *, dtype: torch.dtype = torch.float64, device=N
     """ALiBi head slopes of Press et al. (arXiv 2108.12409), for any head count.
 
     ``H = 2**k``: ``2**(-8h/H)``, h = 1..H. Otherwise with ``P = 2**floor(log2 H)``: the P slopes for P,
-    then the first ``H - P`` even-indexed slopes for 2P (ALGORITHMS.md 5.2). Returns (num_heads,).
+    then the first ``H - P`` even-indexed slopes for 2P (docs/ALGORITHMS.md 5.2). Returns (num_heads,).
 
     >>> alibi_slopes(4)
     tensor([0.2500, 0.0625, 0.0156, 0.0039], dtype=torch.float64)
@@ -254,7 +254,7 @@ def t5_bucket(rel: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
               bidirectional: bool = True) -> torch.Tensor:
     """T5 relative-position bucket of ``rel = pk - pq`` (key minus query), int64, same shape.
 
-    Same function as transformers' ``T5Attention._relative_position_bucket`` (ALGORITHMS.md 5.3),
+    Same function as transformers' ``T5Attention._relative_position_bucket`` (docs/ALGORITHMS.md 5.3),
     including its float32 log; ``log(0)`` is never evaluated (n is clamped to >= 1 in the
     log branch, which is only selected for n >= num_buckets/4 or /2).
 
@@ -605,7 +605,7 @@ def _check_table(arg: str, table: torch.Tensor, shape: tuple) -> None:
 
 # ==== end section: positional encodings and dense attention ====
 
-# ==== section: varlen attention (ALGORITHMS.md 2) ====
+# ==== section: varlen attention (docs/ALGORITHMS.md 2) ====
 #
 # Padding-free (ByteTransformer, arXiv 2210.03052) semantics in FlashAttention's varlen layout:
 # tokens of all sequences packed along one axis, sequence b owning rows cu_seqlens[b]:cu_seqlens[b+1].
@@ -708,7 +708,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 # ==== end section: varlen attention ====
 
-# ==== section: KV-cache decode and state merge (ALGORITHMS.md 1) ====
+# ==== section: KV-cache decode and state merge (docs/ALGORITHMS.md 1) ====
 def _kv_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """``apply_rotary`` in float64 for x (T, H, D) with per-token cos/sin (T, r/2)."""
     return apply_rotary(x.to(torch.float64), cos.to(torch.float64)[:, None, :], sin.to(torch.float64)[:, None, :],
@@ -795,7 +795,7 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rot
 
 
 def merge_states(outs: torch.Tensor, lses: torch.Tensor):
-    """Merge attention partials over disjoint key sets (ALGORITHMS.md "Conventions", split form).
+    """Merge attention partials over disjoint key sets (docs/ALGORITHMS.md "Conventions", split form).
 
     outs (S, ..., D) normalised partial outputs, lses (S, ...) their natural-log lse; returns
     ``(out, lse)`` with ``LSE = log sum_s exp(lse_s)`` and ``out = sum_s exp(lse_s - LSE) out_s``,
@@ -808,7 +808,7 @@ def merge_states(outs: torch.Tensor, lses: torch.Tensor):
     return (w.nan_to_num(0.0)[..., None] * outs).sum(0), lse
 # ==== end section: KV-cache decode ====
 
-# ==== section: kernelized attention with RPE (ALGORITHMS.md 3) ====
+# ==== section: kernelized attention with RPE (docs/ALGORITHMS.md 3) ====
 # Luo et al., "Stable, Fast and Accurate: Kernelized Attention with Relative Positional Encoding",
 # NeurIPS 2021, arXiv 2106.12566. Layout (batch, heads, seq, head_dim); rpe_bias (heads, seqlen_q + seqlen_k - 1)
 # with entry r = j - i + seqlen_q - 1 holding b_{j-i} (query i, key j). Causal: keys j > i excluded (c_r = 0, r > 0).
@@ -904,7 +904,7 @@ def exact_rpe_attention(q, k, v, rpe_bias, causal: bool = False, softmax_scale: 
 
 # ==== end section: kernelized attention with RPE ====
 
-# ==== section: EcoFormer hash attention (ALGORITHMS.md 4) ====
+# ==== section: EcoFormer hash attention (docs/ALGORITHMS.md 4) ====
 # EcoFormer (Liu, Pan, He, Cai, Zhuang, NeurIPS 2022, arXiv 2209.09004; code ziplab/EcoFormer).
 # Codes h in {-1, +1}^b; packed words hold bit t of a code in word t // W, bit t % W (W = 32 for
 # int32 words, 64 for int64), bit set <=> code +1; unused high bits of the last word are 0.
@@ -983,7 +983,7 @@ def ecoformer_pairwise(q_codes, k_codes, v, *, causal=False, key_padding_mask=No
 
 
 def ecoformer_linear(q_codes, k_codes, v, *, causal=False, key_padding_mask=None, form="consistent"):
-    """The same attention by its linear form (ALGORITHMS.md 4a), float64; arguments as ecoformer_pairwise.
+    """The same attention by its linear form (docs/ALGORITHMS.md 4a), float64; arguments as ecoformer_pairwise.
 
     S = sum_j h_j v_j^T (b, d_v), z = sum_j h_j, s = sum_j v_j, n = #visible keys (prefix sums over
     j <= i when causal); out_i = [h_i^T S + (b+1) s] / [h_i^T z + (b+1) n]  ("consistent"), or with

@@ -1,7 +1,7 @@
 """Host-side work partition for KV-cache decode: LeanAttention stream-K, FlashDecoding split-KV,
 and one block per head, all in one format so one kernel runs all three.
 
-Source: LeanAttention (Sanovar et al., arXiv 2405.10480), ALGORITHMS.md section 1; the split
+Source: LeanAttention (Sanovar et al., arXiv 2405.10480), docs/ALGORITHMS.md section 1; the split
 heuristic follows the rule FlashAttention 2.x describes for ``num_splits=0`` (wave efficiency).
 Pure Python, deterministic (same inputs -> same arrays), no torch needed except in
 :meth:`Schedule.as_tensors`.
@@ -47,7 +47,7 @@ is one *segment*. A segment covering all of u writes ``out``/``lse`` directly. O
 writes its fp32 partial ``(m, l, acc)`` (``m`` in log2 units, ``acc`` unnormalised) to its
 slot. The host (or a separate reduction pass) merges the slots of u *in slot order* with the
 online-softmax merge and writes ``out``/``lse``; the fixed order makes the result deterministic
-for a given schedule. Deadlock freedom of the in-kernel host wait (ALGORITHMS.md 1a): a CTA can
+for a given schedule. Deadlock freedom of the in-kernel host wait (docs/ALGORITHMS.md 1a): a CTA can
 be a non-host only in its first segment, so the peers a host waits for never wait themselves;
 all G CTAs must be resident at once (G <= SMs x occupancy).
 
@@ -75,7 +75,7 @@ MAX_SPLITS = 128
 
 
 def default_block_n(head_dim: int) -> int:
-    """KV tile length used by the decode kernels: 128 for head_dim <= 128, else 64 (ALGORITHMS.md 1a,
+    """KV tile length used by the decode kernels: 128 for head_dim <= 128, else 64 (docs/ALGORITHMS.md 1a,
     ORT's table; 256 for d <= 64 in ORT is not used here to keep the register tile small)."""
     return 128 if head_dim <= 128 else 64
 
@@ -196,7 +196,7 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
     Returns
     -------
     Schedule
-        ``kind="lean"``. Even split (ALGORITHMS.md 1a): ``q = ceil(T/G)``, ``hl = T - (q-1) G``;
+        ``kind="lean"``. Even split (docs/ALGORITHMS.md 1a): ``q = ceil(T/G)``, ``hl = T - (q-1) G``;
         CTA c < hl gets q tiles, the others q - 1; ranges are consecutive.
 
     Raises

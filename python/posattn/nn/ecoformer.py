@@ -2,7 +2,7 @@
 
 EcoFormer (Liu, Pan, He, Cai, Zhuang, NeurIPS 2022, arXiv 2209.09004; code ziplab/EcoFormer,
 ``pvt/hashing/ksh.py`` and ``pvt/performer.py``); the hash learning follows kernel-based supervised
-hashing (KSH, Liu, Wang, Ji, Jiang, Chang, CVPR 2012). Math: ALGORITHMS.md section 4.
+hashing (KSH, Liu, Wang, Ji, Jiang, Chang, CVPR 2012). Math: docs/ALGORITHMS.md section 4.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 head, RoPE and ALiBi fused.
 
 Semantics copied from FlashAttention 2.x ``flash_attn_with_kvcache``; schedule from LeanAttention
-(Sanovar et al., arXiv 2405.10480; ALGORITHMS.md section 1); partition in ``posattn.scheduling``;
+(Sanovar et al., arXiv 2405.10480; docs/ALGORITHMS.md section 1); partition in ``posattn.scheduling``;
 kernels in ``posattn.triton_kernels.lean_decode`` (backend "triton") and ``csrc/lean_decode.cu`` through
 ``posattn._cuda.lean_decode_cuda`` (backend "cuda", explicit only; not yet run on a GPU).
 """

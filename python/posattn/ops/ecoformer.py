@@ -1,7 +1,7 @@
 """EcoFormer binary-hash linear attention: public functions, checks, dispatch, autograd.
 
 EcoFormer (Liu, Pan, He, Cai, Zhuang, NeurIPS 2022, arXiv 2209.09004; code ziplab/EcoFormer);
-the math is ALGORITHMS.md section 4, the float64 truth ``posattn.reference.ecoformer_linear`` /
+the math is docs/ALGORITHMS.md section 4, the float64 truth ``posattn.reference.ecoformer_linear`` /
 ``ecoformer_pairwise``. The hash that produces the codes is ``posattn.nn.KernelizedHash``.
 
 Bit packing (shared by every layer): a code ``h in {-1, +1}^num_bits`` is stored in words of
@@ -421,7 +421,7 @@ def ecoformer_attention(q_codes: torch.Tensor, k_codes: torch.Tensor, v: torch.T
             1 1 1 0
             1 1 1 1
 
-        Evaluated as a prefix scan over key blocks (not in the authors' code; ALGORITHMS.md 4b).
+        Evaluated as a prefix scan over key blocks (not in the authors' code; docs/ALGORITHMS.md 4b).
     key_padding_mask : bool Tensor (batch, seqlen_k) or None (no padding). torch.nn.MultiheadAttention
         convention: **True marks padding**, excluded from every sum and from N. A query that sees no
         key (all padded, or causal before the first unpadded key) gets output 0.

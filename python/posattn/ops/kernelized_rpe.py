@@ -1,7 +1,7 @@
 """Kernelized attention with relative positional encoding in O(n log n) via FFT.
 
 Luo, Li, Cai, He et al., "Stable, Fast and Accurate: Kernelized Attention with Relative Positional
-Encoding", NeurIPS 2021, arXiv 2106.12566 (ALGORITHMS.md section 3). With a positive feature map phi and
+Encoding", NeurIPS 2021, arXiv 2106.12566 (docs/ALGORITHMS.md section 3). With a positive feature map phi and
 c_r = exp(b_r),
 
     out_i = phi(q_i)^T [sum_j c_{j-i} phi(k_j) v_j^T] / phi(q_i)^T [sum_j c_{j-i} phi(k_j)],
@@ -46,7 +46,7 @@ def default_num_features(head_dim: int) -> int:
 
     This is Performer's rule (Choromanski et al., arXiv 2009.14794: m = Theta(d log d) random features
     suffice; its reference code defaults to ``int(d * log(d))``). Luo et al. (arXiv 2106.12566) build on
-    Performer's PRF; their exact m per experiment is not confirmed here (ALGORITHMS.md open item 2).
+    Performer's PRF; their exact m per experiment is not confirmed here (docs/ALGORITHMS.md open item 2).
 
     >>> default_num_features(64)
     267
@@ -428,7 +428,7 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             2    x x x
     normalize_qk : bool, default False
         L2-normalise q and k per token first (the "stable" variant of Luo et al.: bounded PRF variance, the
-        bias supplies the sharpness). Our choice for the open temperature question (ALGORITHMS.md open item 2):
+        bias supplies the sharpness). Our choice for the open temperature question (docs/ALGORITHMS.md open item 2):
         the default softmax_scale becomes 1.0, i.e. phi estimates exp(q_hat . k_hat).
     projection : torch.Tensor, optional
         (num_features, head_dim) PRF directions W (see :func:`draw_projection`), shared by all heads. Fixes the
@@ -473,7 +473,7 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Notes
     -----
-    Stabilisation (ALGORITHMS.md 3b): max b is subtracted per head; the PRF exponent is shifted by its row max
+    Stabilisation (docs/ALGORITHMS.md 3b): max b is subtracted per head; the PRF exponent is shifted by its row max
     for queries and by its global max per (batch, head) for keys; denominators at or below 16 eps x the largest
     of their (batch, head) are clamped. Cost O(batch * num_heads * m * head_dim_v * L log L) time and
     O(batch * num_heads * chunk * head_dim_v * L) scratch. Backward: explicit (FFT adjoints), chunked the same
