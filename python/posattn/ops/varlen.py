@@ -161,6 +161,8 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import unpad_input
     >>> x = torch.arange(8.).reshape(2, 4, 1)
     >>> mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]])
     >>> xu, indices, cu_seqlens, max_seqlen, seqused = unpad_input(x, mask)
@@ -223,6 +225,8 @@ def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, 
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import pad_input, unpad_input
     >>> x = torch.arange(8.).reshape(2, 4, 1)
     >>> xu, indices, *_ = unpad_input(x, torch.tensor([[1, 1, 1, 0], [0, 1, 1, 0]]))
     >>> pad_input(xu, indices, 2, 4)[..., 0].tolist()
@@ -390,6 +394,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ----------
     q : Tensor (total_q, num_heads, head_dim), float16 / bfloat16 / float32
         Queries of all sequences packed along dim 0. Any strides (a unit last-dim stride avoids a copy).
+        float64 is refused (TypeError) on every backend, the torch one included, unlike
+        ``flash_attn_func`` whose torch backend takes float64 (use it on padded tensors for float64).
     k : Tensor (total_k, num_heads_k, head_dim), same dtype and device
         ``num_heads % num_heads_k == 0``; GQA/MQA: query head h reads kv head ``h // (num_heads // num_heads_k)``.
     v : Tensor (total_k, num_heads_k, head_dim_v)
@@ -458,6 +464,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import flash_attn_varlen_func
     >>> q = torch.randn(7, 2, 8); k = torch.randn(7, 1, 8); v = torch.randn(7, 1, 8)
     >>> cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)   # lengths 3, 0, 4
     >>> out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True, return_attn_probs=True)
@@ -493,6 +501,8 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import flash_attn_varlen_qkvpacked_func
     >>> qkv = torch.randn(5, 3, 2, 8)
     >>> cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     >>> flash_attn_varlen_qkvpacked_func(qkv, cu, 3).shape
@@ -518,6 +528,8 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import flash_attn_varlen_kvpacked_func
     >>> q = torch.randn(3, 4, 8); kv = torch.randn(6, 2, 2, 8)
     >>> cq = torch.tensor([0, 1, 3], dtype=torch.int32); ck = torch.tensor([0, 4, 6], dtype=torch.int32)
     >>> flash_attn_varlen_kvpacked_func(q, kv, cq, ck, 2, 4, causal=True).shape
