@@ -25,6 +25,7 @@ def normalize_window(window_size, causal: bool, seqlen_k: int) -> tuple[int, int
     """FlashAttention's normalisation, done once: a side at or past ``seqlen_k`` becomes -1 (unbounded);
     ``causal`` sets the right side to 0. Returns (window_left, window_right).
 
+    >>> from posattn.flash_attn_interface import normalize_window
     >>> normalize_window((-1, -1), True, 10)
     (-1, 0)
     >>> normalize_window((12, 3), False, 10)

@@ -154,6 +154,8 @@ class RoPE:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import RoPE
     >>> RoPE(10000.0).inv_freq(8, "cpu").dtype, RoPE(10000.0).inv_freq(8, "cpu").shape
     (torch.float32, torch.Size([4]))
     >>> RoPE(scaling={"type": "linear", "factor": 2.0}).inv_freq(4, "cpu")
@@ -216,6 +218,8 @@ class ALiBi:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import ALiBi
     >>> ALiBi().get_slopes(1, 4, "cpu")
     tensor([[0.2500, 0.0625, 0.0156, 0.0039]])
     """
@@ -272,6 +276,8 @@ class RelativeBias:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import RelativeBias
     >>> RelativeBias(torch.zeros(4, 9), max_distance=4).table.shape
     torch.Size([4, 9])
     """
@@ -312,6 +318,8 @@ class T5Bias:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import T5Bias
     >>> T5Bias(torch.zeros(32, 8)).num_buckets
     32
     """
@@ -351,6 +359,8 @@ class XPos:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import XPos
     >>> XPos().scale_base
     512.0
     """
@@ -390,6 +400,8 @@ class URPE:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import URPE
     >>> URPE(torch.ones(2, 5), max_distance=2).max_distance
     2
     """
@@ -422,6 +434,8 @@ class LearnedPhaseRoPE:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import LearnedPhaseRoPE
     >>> LearnedPhaseRoPE(torch.full((1, 2, 6), 0.5)).freqs.shape
     torch.Size([1, 2, 6])
     """
@@ -502,6 +516,8 @@ def parse_position(position) -> PositionSpec:
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn.positional import ALiBi, RoPE, parse_position
     >>> parse_position([RoPE(), ALiBi()]).bias
     ALiBi(slopes=paper, num_heads=None)
     >>> parse_position(None).rotary is None
@@ -600,6 +616,8 @@ def kernel_args(spec, *, batch_size: int, num_heads: int, seqlen_q: int, seqlen_
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn.positional import RelativeBias, kernel_args
     >>> pe = kernel_args(RelativeBias(torch.zeros(3, 9), max_distance=4), batch_size=1, num_heads=3,
     ...                  seqlen_q=4, seqlen_k=4, head_dim=8, offset=0, device="cpu")
     >>> pe.bias_mode, pe.max_distance

@@ -60,6 +60,8 @@ class KernelizedRPEAttention(nn.Module):
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn.nn import KernelizedRPEAttention
     >>> torch.manual_seed(0) and None
     >>> layer = KernelizedRPEAttention(32, 4, max_seqlen=64, causal=True)
     >>> x = torch.randn(2, 50, 32)

@@ -48,6 +48,7 @@ def default_num_features(head_dim: int) -> int:
     suffice; its reference code defaults to ``int(d * log(d))``). Luo et al. (arXiv 2106.12566) build on
     Performer's PRF; their exact m per experiment is not confirmed here (docs/ALGORITHMS.md open item 2).
 
+    >>> from posattn import default_num_features
     >>> default_num_features(64)
     267
     """
@@ -88,6 +89,8 @@ def draw_projection(num_features: int, head_dim: int, *, orthogonal: bool = True
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import draw_projection
     >>> w = draw_projection(16, 8, generator=torch.Generator().manual_seed(0))
     >>> tuple(w.shape)
     (16, 8)
@@ -481,6 +484,8 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Examples
     --------
+    >>> import torch
+    >>> from posattn import kernelized_rpe_attention
     >>> g = torch.Generator().manual_seed(0)
     >>> q, k, v = (torch.randn(1, 2, 10, 8, generator=g) for _ in range(3))
     >>> bias = torch.zeros(2, 19, requires_grad=True)
