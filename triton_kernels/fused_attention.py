@@ -12,6 +12,13 @@ RelativeBias, T5 buckets, URPE, one rotary + one additive bias + URPE at a time.
 an offset, a sliding window, softcap, a dense attn_mask (bool or float, broadcast strides), GQA/MQA,
 dropout (in-kernel Philox, same mask regenerated in the backward), varlen (cu_seqlens).
 
+Hidden keys (as the torch backend's ``_dead_keys``): k / v rows that no query row of the block can see
+through the causal / window band are loaded as zeros (forward, dq kernel: per query block; dk/dv kernel:
+keys no query of the sequence sees); keys an attn_mask (bool, or -inf in a float mask) hides from every
+row of the block have their v (forward) / k (dq) zeroed and their ds entries set to 0, so NaN / inf
+there never reach a result or a gradient (0 * NaN). Keys hidden only by a -inf bias-table entry are not
+covered.
+
 Nothing here checks arguments: the op layer (python/posattn/ops/attention.py, ops/varlen.py)
 validates; launchers only compute. Not yet run on a GPU: correctness is tested under
 ``TRITON_INTERPRET=1`` and the configs below only compile-checked for sm_80 / sm_90.
@@ -271,11 +278,26 @@ def _fused_attention_logits(qk, m_ok, n_ok, rel_base, offs_m, offs_n, off_b, off
         if MASK_MODE == 1:
             keep = keep & (mk != 0)
         else:
-            s += mk.to(tl.float32) * LOG2E
+            mkf = mk.to(tl.float32)
+            # a -inf entry hides the key: through ``keep`` so that a NaN / inf logit there (a poisoned
+            # hidden key) becomes -inf too instead of NaN + -inf = NaN
+            keep = keep & (mkf != float("-inf"))
+            s += mkf * LOG2E
     if HAS_WINDOW:
         keep = keep & (rel >= -window_left) & (rel <= window_right)
     s = tl.where(keep, s, float("-inf"))
     return s, th, rel
+
+
+@triton.jit
+def _band_cols(offs_n, n_ok, first_m, last_m, off, window_left, window_right):
+    """[BLOCK_N] bool: keys < seqlen_k that the causal / window band shows to at least one query
+    row in ``first_m .. last_m`` (query i sees j iff i + off - left <= j <= i + off + right).
+
+    Hidden-key guarantee (as the torch backend's ``_dead_keys``): k / v rows no query of the block
+    can see are loaded as zeros, so NaN / inf there (padding, stale cache) never reach a product
+    (p = 0 times v = NaN is NaN in ``p @ v``, likewise ``ds @ k``). 1-D, no reduction."""
+    return n_ok & (offs_n >= first_m + off - window_left) & (offs_n <= last_m + off + window_right)
 
 
 @triton.jit
@@ -385,13 +407,18 @@ def _fused_attention_fwd_kernel(
     # key blocks: causal / window blocks outside the band are skipped by the bounds, not masked
     lo = sk * 0
     hi = sk
+    last_m = tl.minimum(start_m + BLOCK_M, sq) - 1
     if HAS_WINDOW:
         lo = tl.maximum(start_m + off - window_left, 0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(start_m + (BLOCK_M - 1) + off + window_right + 1, sk)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sk
-        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
+        # keys no row of the block sees are never read (zeros): NaN / inf there must not leak via 0 * NaN
+        n_live = n_ok
+        if HAS_WINDOW:
+            n_live = _band_cols(offs_n, n_ok, start_m, last_m, off, window_left, window_right)
+        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_live, col_a, col_b, head_dim, ROTARY_MODE)
         if ROTARY_MODE != 0:
             pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
             ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
@@ -410,12 +437,16 @@ def _fused_attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_MODE != 0:
+            # a key the mask hides from every row of the block: p column all 0, so its v row is not read
+            # (zeroing a column whose p underflowed to 0 everywhere changes nothing)
+            n_live = n_live & (tl.max(p, 0) > 0.0)
         if HAS_URPE:
             # URPE multiplies the numerator only; l_i stays the softmax normaliser
             p = p * urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, off_h, rows, offs_n, rng_rows, rng_cols, dropout_p), p * dropout_scale, 0.0)
-        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_live[:, None] & dv_ok[None, :],
                     other=0.0)
         acc = _dot_acc(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
@@ -503,10 +534,15 @@ def _fused_attention_bwd_dkdv_kernel(
     offs_dv = tl.arange(0, HEAD_DIM_V)
     dv_ok = offs_dv < head_dim_v
 
+    # keys the causal / window band shows to no query row at all are loaded as zeros (hidden NaN / inf
+    # never reach dp, ds or the phase gradient); keys a mask hides: ds zeroed per entry below
+    n_live = n_ok
+    if HAS_WINDOW:
+        n_live = _band_cols(offs_n, n_ok, sq * 0, sq - 1, off, window_left, window_right)
     K_rows = K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n) * stride_kn
-    ka, kb = _load_tiles(K_rows, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
+    ka, kb = _load_tiles(K_rows, n_live, col_a, col_b, head_dim, ROTARY_MODE)
     v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n)[:, None] * stride_vn
-                + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :], other=0.0)
+                + offs_dv[None, :], mask=n_live[:, None] & dv_ok[None, :], other=0.0)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
     dka = tl.zeros(ka.shape, dtype=tl.float32)
     dkb = dka
@@ -592,6 +628,9 @@ def _fused_attention_bwd_dkdv_kernel(
             dst = pt * (dpt - delta[None, :])
             if SOFTCAP:
                 dst = dst * (1.0 - tht * tht)
+            if MASK_MODE != 0:
+                # masked entries have pt = 0 exactly; v_j . dO_i (and tanh) may be NaN for a poisoned key
+                dst = tl.where(pt == 0.0, 0.0, dst)
             dst = (dst * sm_scale).to(dtype)
             ga = _dot_acc(dst, qa, ga, DOT_PRECISION)
             if ROTARY_MODE != 0:
@@ -604,8 +643,11 @@ def _fused_attention_bwd_dkdv_kernel(
         ck, sk_ = rotary_cos_sin(_opaque(pos_k, FAST_TRIG), _opaque(offs_n, FAST_TRIG), n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
         if ROTARY_MODE == 3:
-            xa, xb = _load_tiles(K_rows, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
+            xa, xb = _load_tiles(K_rows, n_live, col_a, col_b, head_dim, ROTARY_MODE)
             dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dka, dkb, ck, sk_)
+            if MASK_MODE != 0:
+                # linear in (dka, dkb): exactly 0 where both are 0 (a key no query sees, possibly NaN)
+                dph = tl.where((dka == 0.0) & (dkb == 0.0), 0.0, dph)
             pair = tl.arange(0, HEAD_DIM // 2)
             tl.store(DPHASES_K + off_b * stride_phb + off_hk * stride_phh + offs_n[:, None] * stride_pht
                      + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
@@ -701,20 +743,25 @@ def _fused_attention_bwd_dq_kernel(
 
     lo = sk * 0
     hi = sk
+    last_m = tl.minimum(start_m + BLOCK_M, sq) - 1
     if HAS_WINDOW:
         lo = tl.maximum(start_m + off - window_left, 0) // BLOCK_N * BLOCK_N
         hi = tl.minimum(start_m + (BLOCK_M - 1) + off + window_right + 1, sk)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < sk
-        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_ok, col_a, col_b, head_dim, ROTARY_MODE)
+        # keys no row of the block sees are loaded as zeros (hidden NaN / inf never reach dp or ds @ k)
+        n_live = n_ok
+        if HAS_WINDOW:
+            n_live = _band_cols(offs_n, n_ok, start_m, last_m, off, window_left, window_right)
+        ka, kb = _load_tiles(K_bh + offs_n * stride_kn, n_live, col_a, col_b, head_dim, ROTARY_MODE)
         if ROTARY_MODE != 0:
             pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
             ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half,
                                      rotary_scale, head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE,
                                      HEAD_DIM // 2, FAST_TRIG)
             ka, kb = _rotated(ka, kb, ck, sk_, dtype)
-        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_ok[:, None] & dv_ok[None, :],
+        v = tl.load(V_bh + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=n_live[:, None] & dv_ok[None, :],
                     other=0.0)
         qk = _qk(qa, qb, ka, kb, DOT_PRECISION, ROTARY_MODE)
         rel_base = (start_n - start_m - off).to(tl.int32)
@@ -724,7 +771,17 @@ def _fused_attention_bwd_dq_kernel(
                                              slope, TABLE_H, stride_ti, T5_LUT, bias_max_distance,
                                              BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW, MASK_MODE, BIAS_MODE)
         p = tl.exp2(s - lse2[:, None])
+        if MASK_MODE != 0:
+            # keys the mask hides from every row of the block (p column all 0): zero their k for ds @ k
+            # (their ds is zeroed below); a column whose p underflowed everywhere has ds = 0 anyway
+            k_live = tl.max(p, 0) > 0.0
+            ka = tl.where(k_live[:, None], ka, 0.0)
+            if ROTARY_MODE != 0:
+                kb = tl.where(k_live[:, None], kb, 0.0)
         dpv = _dot(do, tl.trans(v), DOT_PRECISION)  # dO_i . v_j
+        if MASK_MODE != 0:
+            # masked entries: p = 0 exactly, and dO_i . v_j may be NaN for a hidden poisoned v_j
+            dpv = tl.where(p == 0.0, 0.0, dpv)
         dp = dpv
         if HAS_URPE:
             coef = urpe_coef(rel, URPE_H, stride_ui, urpe_max_distance)
@@ -743,6 +800,8 @@ def _fused_attention_bwd_dq_kernel(
                                             BLOCK_M, BLOCK_N, DIAG, URPE_TABLE_BLOCK)
         if SOFTCAP:
             ds = ds * (1.0 - th * th)
+            if MASK_MODE != 0:
+                ds = tl.where(p == 0.0, 0.0, ds)   # th is NaN for a masked poisoned key
         dsd = (ds * sm_scale).to(dtype)
         dqa = _dot_acc(dsd, ka, dqa, DOT_PRECISION)
         if ROTARY_MODE != 0:
