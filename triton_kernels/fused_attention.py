@@ -795,7 +795,7 @@ def _fused_attention_bwd_dq_kernel(
             dbias_acc = toeplitz_accumulate(dbias_acc, ds, rel_base, bias_max_distance,
                                             BLOCK_M, BLOCK_N, DIAG, BIAS_TABLE_BLOCK)
         if NEED_DURPE:
-            # d loss / d C_ij = P_ij * keep_ij / (1 - p) * (dO_i . v_j)  (ALGORITHMS.md 5.5)
+            # d loss / d C_ij = P_ij * keep_ij / (1 - p) * (dO_i . v_j)  (docs/ALGORITHMS.md 5.5)
             durpe_acc = toeplitz_accumulate(durpe_acc, p * dpv, rel_base, urpe_max_distance,
                                             BLOCK_M, BLOCK_N, DIAG, URPE_TABLE_BLOCK)
         if SOFTCAP:
@@ -1076,7 +1076,7 @@ def fused_attention_fwd(q, k, v, out, lse, *, softmax_scale=None, causal=False, 
         Varlen mode: positions restart at 0 in every sequence; a zero-length sequence is fine.
     block_m, block_n, num_warps, num_stages : override ``FWD_CONFIGS`` (tests use small blocks).
 
-    Source: FlashAttention-2 (arXiv 2307.08691) structure; encodings per ALGORITHMS.md 5.1-5.5.
+    Source: FlashAttention-2 (arXiv 2307.08691) structure; encodings per docs/ALGORITHMS.md 5.1-5.5.
     Not yet run on a GPU.
 
     Examples

@@ -2,7 +2,7 @@
 
 Short and obviously correct; materialises N x N matrices freely; computes in float64 whatever the
 input dtype. Each attention-like op returns ``(out, lse)``; a fully masked query row gives out 0
-and lse -inf. Math and sources: ../shared/design/ALGORITHMS.md (section numbers below).
+and lse -inf. Math and sources: docs/ALGORITHMS.md (section numbers below).
 
 Each section is owned by one op; edit only inside your section.
 """

@@ -1,6 +1,6 @@
 """Padding-free (variable-length) attention and the unpad/pad pair, after ByteTransformer.
 
-ByteTransformer (Zhai et al., IPDPS 2023, arXiv 2210.03052; ALGORITHMS.md section 2) removes the
+ByteTransformer (Zhai et al., IPDPS 2023, arXiv 2210.03052; docs/ALGORITHMS.md section 2) removes the
 padding of a batch once, runs every token-wise op and the attention on the packed tokens, and restores
 the padding at the end. The API copies FlashAttention's names and semantics (``flash_attn.bert_padding``
 ``unpad_input`` / ``pad_input`` and ``flash_attn_varlen_func``), with the positional encodings of the
@@ -121,7 +121,7 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
     """Remove the padding of a batch: pack the tokens of every sequence into one axis.
 
     FlashAttention's ``flash_attn.bert_padding.unpad_input`` semantics (without its ``unused_mask``);
-    ByteTransformer's padding-free pack (arXiv 2210.03052, ALGORITHMS.md 2a).
+    ByteTransformer's padding-free pack (arXiv 2210.03052, docs/ALGORITHMS.md 2a).
 
     Parameters
     ----------
