@@ -362,6 +362,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real targets, never interpret
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly
     rows = collect(only=args.only, cuda=not args.no_cuda)
     if args.json:
         import json
