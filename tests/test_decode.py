@@ -191,7 +191,14 @@ def _bad_inputs(device):
         ("k_cache", ValueError, (torch.randn(B, 1, 3, D, device=device), kc, vc), dict(cache_seqlens=3)),
         ("k, v", ValueError, (q, kc, vc, k), dict(cache_seqlens=3)),
         ("v", ValueError, (q, kc, vc, k, v[..., :16]), dict(cache_seqlens=3)),
-        ("cache_leftpad", NotImplementedError, (q, kc, vc), dict(cache_seqlens=3, cache_leftpad=torch.zeros(2, **i32))),
+        ("cache_leftpad", TypeError, (q, kc, vc, k, v), dict(cache_seqlens=3, cache_leftpad=torch.zeros(2, device=device,
+                                                                                                   dtype=torch.int64))),
+        ("cache_leftpad", ValueError, (q, kc, vc, k, v), dict(cache_seqlens=torch.tensor([3, 5], **i32),
+                                                              cache_leftpad=torch.tensor([0, 6], **i32))),
+        ("cache_leftpad", ValueError, (q, kc, vc, k, v), dict(cache_seqlens=3, cache_leftpad=torch.tensor([-1, 0], **i32))),
+        ("cache_leftpad", ValueError, (q, kc, vc, k, v), dict(cache_seqlens=3, cache_leftpad=torch.zeros(3, **i32))),
+        ("cache_leftpad", ValueError, (q, kp, vp, k, v), dict(cache_seqlens=torch.tensor([3, 5], **i32),
+                                                              block_table=bt[:, :1], cache_leftpad=torch.zeros(2, **i32))),
         ("rotary_cos", ValueError, (q, kc, vc, k, v, torch.ones(5, 8, device=device), torch.ones(5, 8, device=device)),
          dict(cache_seqlens=6)),
         ("alibi_slopes", TypeError, (q, kc, vc), dict(cache_seqlens=3, alibi_slopes=torch.ones(H, device=device,
@@ -202,7 +209,7 @@ def _bad_inputs(device):
     ]
 
 
-@pytest.mark.parametrize("i", range(13))
+@pytest.mark.parametrize("i", range(17))
 def test_bad_inputs_raise_before_any_write(i, device):
     name, exc, args, kw = _bad_inputs(device)[i]
     caches = [a.clone() for a in args[1:3]]
@@ -652,3 +659,98 @@ def test_cuda_num_ctas_over_device_limit_emulated(emulated_cuda):
     with pytest.raises(ValueError, match="schedule: 'single'"):
         posattn.flash_attn_with_kvcache(q2, kc2, kc2.clone(), cache_seqlens=5, backend="cuda", schedule="single")
     assert torch.equal(kc, before) and not emulated_cuda
+
+
+# ------------------------------------------------------------------------------------------------
+# cache_leftpad (FlashAttention semantics: keys [leftpad, cache_seqlens), positions count from the pad)
+# ------------------------------------------------------------------------------------------------
+_LEFTPAD_CASES = [("torch", "lean", torch.float32), ("torch", "lean", torch.bfloat16),
+                  ("triton", "lean", torch.float16), ("triton", "split", torch.bfloat16),
+                  ("triton", "single", torch.float32)]
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("backend,schedule,dtype", _LEFTPAD_CASES)
+def test_leftpad_append_rotary_alibi(backend, schedule, dtype, device):
+    """Ragged left pads (0, == cache_seqlens, lengths off the block size) with append, causal, GQA, RoPE
+    (NeoX) and ALiBi vs the reference; NaN poisoned into the pad and past the valid keys must not leak."""
+    _skip_unavailable(backend, device)
+    B, Sq, H, Hk, D, S = 4, 2, 4, 2, 32, 150
+    i32 = dict(dtype=torch.int32, device=device)
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=dtype)
+    vc = torch.randn_like(kc)
+    k, v = torch.randn(B, Sq, Hk, D, device=device, dtype=dtype), torch.randn(B, Sq, Hk, D, device=device, dtype=dtype)
+    cs = torch.tensor([140, 37, 1, 60], **i32)
+    pad = torch.tensor([3, 37, 0, 59], **i32)
+    for b, (L, P) in enumerate(zip(cs.tolist(), pad.tolist())):
+        kc[b, :P] = float("nan")
+        vc[b, :P] = float("nan")
+        kc[b, L + Sq:] = float("nan")
+        vc[b, L + Sq:] = float("nan")
+    ang = torch.rand(S, 8, device=device) * 6
+    cos, sin = ang.cos(), ang.sin()
+    slopes = torch.rand(B, H, device=device)
+    _, _, kc2, vc2 = _run(q, kc, vc, backend=backend, dtype=dtype, k=k, v=v, rotary_cos=cos, rotary_sin=sin,
+                          rotary_interleaved=False, cache_seqlens=cs, cache_leftpad=pad, causal=True,
+                          alibi_slopes=slopes, schedule=schedule, num_splits=2, num_ctas=3)
+    for b, (L, P) in enumerate(zip(cs.tolist(), pad.tolist())):
+        # appended at cache index L, rotated at position L - P
+        kr = R._kv_rotate(k[b], cos[L - P:L - P + Sq], sin[L - P:L - P + Sq], False)
+        assert_close(kc2[b, L:L + Sq], kr, dtype, name="appended k")
+        assert torch.equal(vc2[b, L:L + Sq], v[b])
+        assert torch.equal(kc2[b, P:L], kc[b, P:L])
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leftpad_equals_shifted_cache(backend, device):
+    """A left-padded cache gives the same result as the same keys moved to index 0 without a pad
+    (independent of the reference): window, RoPE (interleaved), ALiBi, cache_batch_idx, seqlen_q 3."""
+    _skip_unavailable(backend, device)
+    B, Sq, H, Hk, D, S = 3, 3, 6, 2, 64, 200
+    i32 = dict(dtype=torch.int32, device=device)
+    q = torch.randn(B, Sq, H, D, device=device, dtype=torch.float16)
+    kc = torch.randn(B, S, Hk, D, device=device, dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    cs = torch.tensor([190, 130, 4], **i32)
+    pad = torch.tensor([61, 1, 3], **i32)
+    cbi = torch.tensor([2, 0, 1], **i32)
+    ks, vs = torch.full_like(kc, float("nan")), torch.full_like(vc, float("nan"))
+    for b, (L, P) in enumerate(zip(cs.tolist(), pad.tolist())):
+        r = int(cbi[b])
+        kc[r, :P] = float("nan")
+        ks[r, :L - P], vs[r, :L - P] = kc[r, P:L], vc[r, P:L]
+    ang = torch.rand(S, 16, device=device) * 6
+    kw = dict(rotary_cos=ang.cos(), rotary_sin=ang.sin(), window_size=(40, 1), alibi_slopes=torch.rand(H, device=device),
+              cache_batch_idx=cbi, backend=backend, return_softmax_lse=True, num_ctas=4)
+    o1, l1 = posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cs, cache_leftpad=pad, **kw)
+    o2, l2 = posattn.flash_attn_with_kvcache(q, ks, vs, cache_seqlens=cs - pad, **kw)
+    assert torch.isfinite(o1).all()
+    assert_close(o1, o2.float(), torch.float16)
+    assert_close(l1, l2, torch.float16, name="lse")
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leftpad_all_padding_is_empty(backend, device):
+    """leftpad == cache_seqlens and no append: no key, so out 0 and lse -inf for that sequence only."""
+    _skip_unavailable(backend, device)
+    q = torch.randn(2, 1, 2, 32, device=device)
+    kc = torch.randn(2, 20, 2, 32, device=device)
+    vc = torch.randn_like(kc)
+    kc[0, :9] = float("nan")
+    cs = torch.tensor([9, 17], dtype=torch.int32, device=device)
+    pad = torch.tensor([9, 16], dtype=torch.int32, device=device)
+    o, lse, _, _ = _run(q, kc, vc, backend=backend, cache_seqlens=cs, cache_leftpad=pad)
+    assert torch.equal(o[0], torch.zeros_like(o[0])) and bool((lse[0] == -math.inf).all())
+    assert bool(torch.isfinite(lse[1]).all())
+
+
+def test_leftpad_cuda_backend_refused(device):
+    q = torch.randn(1, 1, 2, 64, device=device, dtype=torch.float16)
+    kc = torch.randn(1, 8, 2, 64, device=device, dtype=torch.float16)
+    vc = kc.clone()
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5, backend="cuda",
+                                        cache_leftpad=torch.ones(1, dtype=torch.int32, device=device))

@@ -32,6 +32,9 @@ q, out: (batch, seqlen_q, num_heads, head_dim), unit stride in head_dim.
 k_cache, v_cache: (batch_cache, seqlen_cache, num_heads_k, head_dim) or paged
 (num_blocks, page_size, num_heads_k, head_dim); unit stride in head_dim.
 lse: fp32 (batch, num_heads, seqlen_q). seqlens_k: int32 (batch,), keys per sequence.
+cache_leftpad: int32 (batch,) or None (contiguous cache only): key j of sequence b is cache index
+``j + cache_leftpad[b]``; seqlens_k then counts keys from the pad, so the schedule, the masks and
+the ALiBi distances are unchanged (FlashAttention's ``cache_leftpad``).
 rot_cos/rot_sin: fp32 (batch, seqlen_q, rotary_dim // 2): cos/sin at each query's position.
 alibi_slopes: fp32 (batch, num_heads) (stride 0 over batch for (num_heads,)).
 """
@@ -101,7 +104,7 @@ def _write_out(O, LSE, b, hkv, mb, m_i, l_i, acc,
 
 @triton.jit
 def _lean_decode_kernel(
-    Q, K, V, O, LSE, SEQLENS_K, BLOCK_TABLE, CACHE_BATCH, ROT_COS, ROT_SIN, ALIBI,
+    Q, K, V, O, LSE, SEQLENS_K, BLOCK_TABLE, CACHE_BATCH, LEFTPAD, ROT_COS, ROT_SIN, ALIBI,
     TILE_OFFSETS, TILE_BATCH, TILE_HEAD, TILE_MBLOCK, CTA_STARTS, CTA_FIRST, HOST_CTA, NUM_SPLITS, SLOT_OFFSETS,
     MP, LP, OP, FLAGS,
     stride_qb, stride_qm, stride_qh,
@@ -112,13 +115,14 @@ def _lean_decode_kernel(
     stride_btb, stride_rb, stride_rm, stride_ab, stride_ah,
     seqlen_q, group, head_dim, softmax_scale, softcap, window_left, window_right, epoch,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
     ROTARY_DIM: tl.constexpr, ROT_INTERLEAVED: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 (tl.dot)")
     tl.static_assert(BLOCK_N >= 16, "BLOCK_N must be >= 16 (tl.dot)")
     tl.static_assert(ROTARY_DIM % 2 == 0, "rotary_dim must be even")
+    tl.static_assert(not (PAGED and HAS_LEFTPAD), "cache_leftpad is for a contiguous cache only")
     c = tl.program_id(0)
     start = tl.load(CTA_STARTS + c)
     end = tl.load(CTA_STARTS + c + 1)
@@ -166,6 +170,12 @@ def _lean_decode_kernel(
             cb = tl.load(CACHE_BATCH + b).to(tl.int64)
         else:
             cb = b
+        k_row0 = cb * stride_kb   # cache row of sequence b, shifted past its left pad
+        v_row0 = cb * stride_vb
+        if HAS_LEFTPAD:
+            pad = tl.load(LEFTPAD + b).to(tl.int64)
+            k_row0 += pad * stride_kn
+            v_row0 += pad * stride_vn
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -187,8 +197,8 @@ def _lean_decode_kernel(
                 k_off = blk[:, None] * stride_kb + (offs_n % PAGE_SIZE).to(tl.int64)[:, None] * stride_kn
                 v_off = blk[:, None] * stride_vb + (offs_n % PAGE_SIZE).to(tl.int64)[:, None] * stride_vn
             else:
-                k_off = cb * stride_kb + offs_n.to(tl.int64)[:, None] * stride_kn
-                v_off = cb * stride_vb + offs_n.to(tl.int64)[:, None] * stride_vn
+                k_off = k_row0 + offs_n.to(tl.int64)[:, None] * stride_kn
+                v_off = v_row0 + offs_n.to(tl.int64)[:, None] * stride_vn
             kv_mask = kv_ok[:, None] & d_ok[None, :]
             k = tl.load(K + k_off + hkv * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
             if DOT_FP32:   # interpreter workaround: its bf16 tl.dot is wrong; same products in fp32
@@ -291,7 +301,8 @@ def _flags(device: torch.device, n: int):
 
 
 def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched, block_table=None,
-                    cache_batch_idx=None, rot_cos=None, rot_sin=None, rotary_dim=0, rotary_interleaved=True,
+                    cache_batch_idx=None, cache_leftpad=None, rot_cos=None, rot_sin=None, rotary_dim=0,
+                    rotary_interleaved=True,
                     alibi_slopes=None, softmax_scale, softcap=0.0, window_left=-1, window_right=-1,
                     block_m, block_n, reduce_in_kernel=False, num_warps=None, num_stages=None) -> None:
     """Launch the decode kernel (and the reduction kernel when ``reduce_in_kernel`` is False).
@@ -332,6 +343,7 @@ def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched
     _lean_decode_kernel[(schedule.num_ctas,)](
         q, k_cache, v_cache, out, lse, seqlens_k,
         block_table if paged else dummy, cache_batch_idx if cache_batch_idx is not None else dummy,
+        cache_leftpad if cache_leftpad is not None else dummy,
         rot_cos if rotary_dim else mp, rot_sin if rotary_dim else mp, alibi_slopes if alibi_slopes is not None else mp,
         sched["tile_offsets"], sched["tile_batch"], sched["tile_head"], sched["tile_mblock"], sched["cta_starts"],
         sched["cta_first_tile"], sched["host_cta"], sched["num_splits"], sched["slot_offsets"],
@@ -345,7 +357,7 @@ def lean_decode_fwd(q, k_cache, v_cache, out, lse, *, seqlens_k, schedule, sched
         rot_cos.stride(0) if rotary_dim else 0, rot_cos.stride(1) if rotary_dim else 0, stride_ab, stride_ah,
         Sq, group, D, float(softmax_scale), float(softcap), int(window_left), int(window_right), epoch,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PAGED=paged, PAGE_SIZE=page_size,
-        HAS_BATCH_IDX=cache_batch_idx is not None, ROTARY_DIM=int(rotary_dim), ROT_INTERLEAVED=bool(rotary_interleaved),
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None, ROTARY_DIM=int(rotary_dim), ROT_INTERLEAVED=bool(rotary_interleaved),
         HAS_ALIBI=alibi_slopes is not None, HAS_SOFTCAP=softcap > 0, REDUCE_IN_KERNEL=bool(reduce_in_kernel),
         DOT_FP32=(q.device.type == "cpu" and q.dtype == torch.bfloat16),
         num_warps=num_warps, num_stages=num_stages,
@@ -364,7 +376,7 @@ def report_cases():
     the block sizes, warps and modes a GPU call would use (see posattn.report)."""
     from posattn.scheduling import default_block_n, lean_schedule
 
-    def case(dtype, head_dim, group, *, paged=False, rotary=False, alibi=False, reduce_in_kernel=True):
+    def case(dtype, head_dim, group, *, paged=False, rotary=False, alibi=False, reduce_in_kernel=True, leftpad=False):
         def thunk():
             B, Hk, L = 2, 2, 300
             H = Hk * group
@@ -383,7 +395,8 @@ def report_cases():
                             dtype=torch.int32), schedule=s, sched=s.as_tensors("cpu"), block_table=bt,
                             rot_cos=rc, rot_sin=rc, rotary_dim=head_dim // 2 if rotary else 0,
                             alibi_slopes=torch.rand(H) if alibi else None, softmax_scale=head_dim ** -0.5,
-                            block_m=bm, block_n=bn, reduce_in_kernel=reduce_in_kernel)
+                            block_m=bm, block_n=bn, reduce_in_kernel=reduce_in_kernel,
+                            cache_leftpad=torch.tensor([30, 50], dtype=torch.int32) if leftpad else None)
         return thunk
 
     return [
@@ -392,4 +405,5 @@ def report_cases():
         ("fp16 d64 mha paged rope alibi", case(torch.float16, 64, 1, paged=True, rotary=True, alibi=True)),
         ("bf16 d256 gqa8", case(torch.bfloat16, 256, 8)),
         ("fp32 d128 gqa4", case(torch.float32, 128, 4)),
+        ("bf16 d128 gqa4 leftpad rope", case(torch.bfloat16, 128, 4, rotary=True, leftpad=True)),
     ]

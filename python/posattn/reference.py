@@ -718,7 +718,7 @@ def _kv_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rotary_cos=None,
                       rotary_sin=None, rotary_interleaved=True, cache_batch_idx=None, block_table=None,
                       softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, cache_leftpad=None):
     """Float64 truth of ``flash_attn_with_kvcache`` (FlashAttention 2.x semantics); inputs untouched.
 
     q (B, Sq, H, D); k_cache/v_cache (B_cache, S_cache, H_kv, D[v]) or, with ``block_table``
@@ -730,14 +730,20 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rot
     ``-slope * |i + Sk_b - Sq - j|``. Rotary (cos/sin (seqlen_ro, r/2)): the new k at positions
     ``cache_seqlens + t``; q at ``cache_seqlens + i`` when causal or windowed, else at
     ``cache_seqlens`` (FlashAttention's rule). softcap > 0: ``s <- softcap * tanh(s / softcap)``
-    before the bias. Returns ``(out (B, Sq, H, Dv), lse (B, H, Sq))`` float64; rows with no
-    visible key give out 0, lse -inf.
+    before the bias. cache_leftpad (B,) ints (contiguous cache only; FlashAttention's left
+    padding): cache indices below ``cache_leftpad[b]`` are never read and every position above
+    counts from the pad, i.e. read ``cache_seqlens`` as ``cache_seqlens - cache_leftpad`` keys at
+    cache indices ``cache_leftpad + j`` (the append index is still ``cache_seqlens``). Returns
+    ``(out (B, Sq, H, Dv), lse (B, H, Sq))`` float64; rows with no visible key give out 0, lse -inf.
     """
     B, Sq, H, D = q.shape
     Hk = k_cache.shape[2]
     g = H // Hk
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     seqlens = [int(x) for x in torch.as_tensor(cache_seqlens).reshape(-1).expand(B).tolist()]
+    pads = [0] * B if cache_leftpad is None else [int(x) for x in torch.as_tensor(cache_leftpad).reshape(-1).tolist()]
+    if cache_leftpad is not None and block_table is not None:
+        raise ValueError("cache_leftpad: not defined for a paged cache (block_table)")
     s_new = 0 if k is None else k.shape[1]
     left, right = window_size
     if causal:
@@ -745,7 +751,8 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rot
     out = torch.zeros(B, Sq, H, v_cache.shape[-1], dtype=torch.float64)
     lse = torch.full((B, H, Sq), -math.inf, dtype=torch.float64)
     for b in range(B):
-        L = seqlens[b]
+        P = pads[b]
+        L = seqlens[b] - P                     # cached keys, counted from the left pad
         if block_table is not None:
             page = k_cache.shape[1]
             idx = torch.arange(L)
@@ -753,7 +760,7 @@ def kvcache_attention(q, k_cache, v_cache, cache_seqlens, *, k=None, v=None, rot
             kb, vb = k_cache.cpu()[blocks, idx % page], v_cache.cpu()[blocks, idx % page]
         else:
             cb = b if cache_batch_idx is None else int(cache_batch_idx[b])
-            kb, vb = k_cache.cpu()[cb, :L], v_cache.cpu()[cb, :L]
+            kb, vb = k_cache.cpu()[cb, P:P + L], v_cache.cpu()[cb, P:P + L]
         kb, vb = kb.to(torch.float64), vb.to(torch.float64)
         qb = q[b].cpu().to(torch.float64)
         if rotary_cos is not None:

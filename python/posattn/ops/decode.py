@@ -60,12 +60,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         **Written in place** when ``k``/``v`` are given (as FlashAttention does). num_heads must
         be a multiple of num_heads_k (GQA/MQA: query head h reads kv head h // (num_heads // num_heads_k)).
     k, v : Tensor (batch_size, seqlen_new, num_heads_k, head_dim) or None
-        New keys/values, appended at ``cache_seqlens[b]`` (k after rotary when rotary is on).
-        Both or neither.
+        New keys/values, appended at cache index ``cache_seqlens[b]`` (k after rotary when rotary is
+        on). Both or neither.
     rotary_cos, rotary_sin : Tensor (seqlen_ro, rotary_dim // 2) or None
-        Rotary tables (any float dtype; used in fp32). The new k is rotated at positions
-        ``cache_seqlens + t``; q at ``cache_seqlens + i`` when ``causal`` or a window is set, else at
-        ``cache_seqlens`` (FlashAttention's rule, which assumes seqlen_q == 1 then). Unlike
+        Rotary tables (any float dtype; used in fp32). With ``L = cache_seqlens - cache_leftpad``
+        (``cache_leftpad`` 0 when None): the new k is rotated at positions ``L + t``; q at ``L + i``
+        when ``causal`` or a window is set, else at ``L`` (FlashAttention's rule, which assumes
+        seqlen_q == 1 then). Unlike
         FlashAttention, rotary without ``k`` is allowed: it rotates q only. rotary_dim even,
         <= head_dim. seqlen_ro must cover every position used.
     cache_seqlens : int, Tensor (batch_size,) int32, or None
@@ -75,15 +76,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     cache_batch_idx : Tensor (batch_size,) int32 or None
         Cache row of each sequence (None: row b). Not with ``block_table``. Distinct values are
         required when k/v are appended.
-    cache_leftpad : None
-        Not supported yet (NotImplementedError if given).
+    cache_leftpad : Tensor (batch_size,) int32 or None
+        FlashAttention's left padding: the cache of sequence b starts at index ``cache_leftpad[b]``
+        (entries before it are never read), so its valid keys are cache indices
+        ``[cache_leftpad[b], cache_seqlens[b])`` plus the new k/v appended at ``cache_seqlens[b]``.
+        Every position (RoPE of q and the new k, causal/window alignment, ALiBi distances) counts
+        from the pad: cache index t is position ``t - cache_leftpad[b]``, i.e. the sequence behaves
+        as one of ``cache_seqlens[b] - cache_leftpad[b]`` cached keys. None = no padding. Needs
+        ``0 <= cache_leftpad[b] <= cache_seqlens[b]`` (equality: no cached key), same device as q.
+        Not with ``block_table`` (as in FlashAttention) nor with backend "cuda" (ValueError).
     block_table : Tensor (batch_size, max_blocks_per_seq) int32 or None
         Paged cache: key j of sequence b is at ``k_cache[block_table[b, j // page_block_size],
         j % page_block_size]``. Entries that are read or written must be in [0, num_blocks).
     softmax_scale : float or None
         Scale of q k^T; None = head_dim ** -0.5.
     causal : bool, default False
-        Bottom-right aligned mask: query i of sequence b (seqlen_k = cache_seqlens[b] + seqlen_new)
+        Bottom-right aligned mask: query i of sequence b (seqlen_k = cache_seqlens[b] -
+        cache_leftpad[b] + seqlen_new keys, key j at cache index j + cache_leftpad[b])
         sees key j iff ``j <= i + seqlen_k - seqlen_q``::
 
             seqlen_q = 2, seqlen_k = 5:   1 1 1 1 0
@@ -151,12 +160,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         Wrong types or dtypes (e.g. cache_seqlens not int32; q not fp16/bf16 with backend "cuda").
     ValueError
         Shape conflicts, head counts that do not divide, cache_seqlens (plus seqlen_new) beyond the
-        cache, block_table entries out of range, rotary tables too short, bad options, what
-        backend "cuda" does not support (head_dim, softcap, window_size, cache layout, num_ctas or
-        a schedule grid over the co-resident CTAs). Every check runs before any write: the cache
+        cache, cache_leftpad outside [0, cache_seqlens] (or with block_table or backend "cuda"),
+        block_table entries out of range, rotary tables too short, bad options, what backend
+        "cuda" does not support (head_dim, softcap, window_size, cache layout, num_ctas or a
+        schedule grid over the co-resident CTAs). Every check runs before any write: the cache
         is never written out of bounds.
-    NotImplementedError
-        ``cache_leftpad``.
     RuntimeError
         An explicit backend that cannot run here (e.g. backend="cuda" with CPU tensors or without
         ``posattn._C``).
@@ -218,7 +226,14 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     if D > 256:
         raise ValueError(f"q: expected head_dim <= 256, got {D}")
     if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad: not supported yet by posattn's decode (pass None)")
+        if paged:
+            raise ValueError("cache_leftpad: not supported together with block_table (paged cache), as in "
+                             "FlashAttention; pass None")
+        if backend == "cuda":
+            raise ValueError("cache_leftpad: backend='cuda' does not support it (the CUDA kernel has no such "
+                             "input); use backend='triton' or 'torch'")
+        check_tensor("cache_leftpad", cache_leftpad, dtypes=(torch.int32,), ndim=1, device=dev)
+        d.check("cache_leftpad", cache_leftpad, ("batch_size",))
     if cache_batch_idx is not None:
         if paged:
             raise ValueError("cache_batch_idx: not supported together with block_table (paged cache); pass None")
@@ -261,7 +276,16 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
             what = f"cache_seqlens[{b}] + seqlen_new = {L} + {s_new}" if s_new else f"cache_seqlens[{b}] = {L}"
             raise ValueError(f"cache_seqlens: expected 0 <= {what} <= cache capacity {capacity}"
                              f"{' (max_blocks_per_seq x page_block_size)' if paged else ' (seqlen_cache)'}")
-    seqlens_k = [L + s_new for L in lens]
+    pads = [0] * B
+    if cache_leftpad is not None:
+        pads = [int(x) for x in cache_leftpad.cpu().tolist()]
+        for b, (P, L) in enumerate(zip(pads, lens)):
+            if P < 0 or P > L:
+                raise ValueError(f"cache_leftpad: expected 0 <= cache_leftpad[{b}] <= cache_seqlens[{b}] = {L}, "
+                                 f"got {P}")
+    # positions count from the left pad: sequence b has cache_seqlens[b] - cache_leftpad[b] cached keys
+    eff = [L - P for L, P in zip(lens, pads)]
+    seqlens_k = [L + s_new for L in eff]
     if paged and B:
         page = k_cache.shape[1]
         bt = block_table.cpu()
@@ -309,9 +333,9 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     interleaved = rotary_interleaved
     rot_q = rot_k = None      # fp32 (B, Sq, r/2) and (B, s_new, r/2) pairs of (cos, sin)
     rope_inv = None           # fp32 inv_freq of a RoPE without attention factor (backend "cuda" rotates q in-kernel)
-    qpos = torch.tensor(lens, dtype=torch.int64)[:, None] + (torch.arange(Sq)[None, :] if (causal or local)
-                                                            else torch.zeros(1, Sq, dtype=torch.int64))
-    kpos = torch.tensor(lens, dtype=torch.int64)[:, None] + torch.arange(s_new)[None, :]
+    qpos = torch.tensor(eff, dtype=torch.int64)[:, None] + (torch.arange(Sq)[None, :] if (causal or local)
+                                                           else torch.zeros(1, Sq, dtype=torch.int64))
+    kpos = torch.tensor(eff, dtype=torch.int64)[:, None] + torch.arange(s_new)[None, :]
     if rotary_cos is not None:
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             check_tensor(name, t, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=2, device=dev)
@@ -364,7 +388,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
             raise ValueError(f"num_ctas: expected <= {_num_sms(dev)} (one resident CTA per SM) with reduce='kernel', "
                              f"got {num_ctas}")
     lse = torch.empty(B, H, Sq, dtype=torch.float32, device=dev)
-    return dict(B=B, Sq=Sq, H=H, Hk=Hk, D=D, lens=lens, seqlens_k=seqlens_k, s_new=s_new, scale=scale,
+    return dict(B=B, Sq=Sq, H=H, Hk=Hk, D=D, lens=lens, pads=pads, seqlens_k=seqlens_k, s_new=s_new, scale=scale,
                 left=left, right=right, softcap=softcap, rotary_dim=rotary_dim, interleaved=interleaved,
                 rot_q=rot_q, rot_k=rot_k, alibi=alibi_slopes, schedule=schedule, num_splits=num_splits,
                 num_ctas=num_ctas, reduce=reduce, out=out, lse=lse, backend=be, paged=paged, qpos=qpos,
@@ -431,6 +455,7 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     lean_decode_fwd(q, k_cache, v_cache, target, a["lse"],
                     seqlens_k=torch.tensor(a["seqlens_k"], dtype=torch.int32, device=dev), schedule=sched,
                     sched=sched.as_tensors(dev), block_table=block_table, cache_batch_idx=cache_batch_idx,
+                    cache_leftpad=torch.tensor(a["pads"], dtype=torch.int32, device=dev) if any(a["pads"]) else None,
                     rot_cos=None if rot_q is None else rot_q[0].contiguous(),
                     rot_sin=None if rot_q is None else rot_q[1].contiguous(),
                     rotary_dim=a["rotary_dim"], rotary_interleaved=a["interleaved"],
@@ -464,14 +489,14 @@ def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
         j_lo = max(0, Lk - Sq - a["left"]) if a["left"] >= 0 else 0
         j_hi = min(Lk, Lk - 1 + a["right"] + 1) if a["right"] >= 0 else Lk
         for j0 in range(j_lo, j_hi, _CHUNK):
-            j = torch.arange(j0, min(j_hi, j0 + _CHUNK), device=dev)
+            j = torch.arange(j0, min(j_hi, j0 + _CHUNK), device=dev)   # positions (cache index - left pad)
             if a["paged"]:
                 page = k_cache.shape[1]
                 blk = block_table[b].long()[j // page]
                 kc, vc = k_cache[blk, j % page], v_cache[blk, j % page]
             else:
                 cb = b if cache_batch_idx is None else int(cache_batch_idx[b])
-                kc, vc = k_cache[cb, j], v_cache[cb, j]
+                kc, vc = k_cache[cb, j + a["pads"][b]], v_cache[cb, j + a["pads"][b]]
             kc = kc.float().repeat_interleave(g, dim=1)       # (C, H, D)
             vc = vc.float().repeat_interleave(g, dim=1)
             s = torch.einsum("ihd,jhd->hij", q32[b], kc) * a["scale"]
