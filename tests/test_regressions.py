@@ -274,3 +274,43 @@ def test_error_messages_a_new_user_met():
     codes = torch.ones(1, 1, 4, 8)
     with pytest.raises(ValueError, match=r"^backend: expected one of 'auto', 'triton', 'cuda', 'torch', got 'x'$"):
         posattn.ecoformer_attention(codes, codes, torch.randn(1, 1, 4, 8), backend="x")
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_torch_fast_path_last_dim_strided(which, gqa):
+    """Deep fuzz profile (test_fuzz_sdpa_torch), minimal example: batch 1, heads (4, 2), seqlen 1 x 1,
+    head_dim 7, layout_k='strided' (every other element, NaN in the gaps) -> relative error 1.0 / NaN.
+    torch's fused CPU kernel behind the torch backend's fast path misreads a non-unit head_dim stride."""
+    import posattn
+    from posattn import reference
+    hq = 4 if gqa else 2
+    shapes = {"q": (1, hq, 5, 7), "k": (1, 2, 6, 7), "v": (1, 2, 6, 7)}
+    t = {n: torch.randn(*s) for n, s in shapes.items()}
+    base = torch.full((*shapes[which][:-1], 14), float("nan"))
+    base[..., ::2] = t[which]
+    t[which] = base[..., ::2]
+    assert t[which].stride(-1) == 2
+    for causal in (False, True):
+        out = posattn.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal, enable_gqa=gqa)
+        ref, _ = reference.attention(t["q"].double(), t["k"].double(), t["v"].double(), causal=causal)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_varlen_torch_last_dim_strided():
+    """Same kernel in the varlen torch backend: q/k/v (total, heads, head_dim) with head_dim stride 2."""
+    import posattn
+    from posattn import reference
+    lens = [3, 5]
+    total = sum(lens)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    t = {}
+    for n in "qkv":
+        base = torch.full((total, 2, 16), float("nan"))
+        base[..., ::2] = torch.randn(total, 2, 8)
+        t[n] = base[..., ::2]
+    out = posattn.flash_attn_varlen_func(t["q"], t["k"], t["v"], cu, cu, 5, 5)
+    for b, (s, e) in enumerate([(0, 3), (3, 8)]):
+        ref, _ = reference.attention(*(t[n][s:e].transpose(0, 1)[None].double() for n in "qkv"))
+        torch.testing.assert_close(out[s:e].transpose(0, 1)[None].double(), ref, atol=2e-5, rtol=2e-5)

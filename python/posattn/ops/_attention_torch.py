@@ -341,6 +341,9 @@ def _fast_chunk(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, a
         live = vis.any(-1)                                            # (B|1, H|1, n|1)
         ks, vs = _zero_dead_keys(ks, vs, ~vis.any(2))
     q_in = qc.flip(2) if rev else qc
+    # the aten kernel assumes a unit stride in head_dim (it silently misreads other strides: found by the
+    # deep fuzz profile, tests/test_regressions.py::test_torch_fast_path_last_dim_strided)
+    q_in, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_in, ks, vs))
     out, lse = _FLASH_CPU(q_in, ks, vs, 0.0, False, attn_mask=mask, scale=o["softmax_scale"])
     if rev:
         out, lse = out.flip(2), lse.flip(2)

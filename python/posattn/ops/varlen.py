@@ -768,6 +768,8 @@ def _varlen_torch(q, k, v, a: _Args, need_lse_grad: bool = True, need_lse: bool 
                 bias = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
             # the kernel reads GQA k/v heads itself (query head h -> kv head h // group); its out is laid out
             # (n, Lq, H, Dv) in memory, so the transpose back is a view
+            # the aten kernel assumes a unit stride in head_dim (see _attention_torch._fast_chunk)
+            qc, kc, vc = (t if t.stride(-1) == 1 else t.contiguous() for t in (qc, kc, vc))
             oc, lc = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qc.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), 0.0, is_causal, attn_mask=bias,
                 scale=a.softmax_scale)
