@@ -208,7 +208,7 @@ def test_torch_backend_chunk_boundaries(causal, grad, dtype):
 
 def test_torch_backend_hugepage_hint_keeps_data():
     # The MADV_HUGEPAGE hint on large fresh outputs is advisory: the buffer must behave as any other.
-    from posattn.ops.ecoformer import _madvise_hugepage
+    from posattn._memory import madvise_hugepage as _madvise_hugepage
     t = torch.empty(3 * 2**20 + 77)                        # > 8 MiB, not 2 MiB-aligned in size
     _madvise_hugepage(t)
     x = torch.randn(t.shape)

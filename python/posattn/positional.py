@@ -120,6 +120,16 @@ def _check_float_table(arg: str, table, ndim: int):
     return check_tensor(arg, table, dtypes=_FLOATS, ndim=ndim)
 
 
+def _check_distance_table(table, max_distance):
+    """(max_distance, table) for a per-head table indexed by clamped distance: (num_heads, 2*D+1)."""
+    max_distance = _check_distance("max_distance", max_distance)
+    _check_float_table("table", table, 2)
+    if table.shape[1] != 2 * max_distance + 1:
+        raise ValueError(f"table: expected (num_heads, 2*max_distance+1={2 * max_distance + 1}), "
+                         f"got {tuple(table.shape)}")
+    return max_distance, table
+
+
 def _check_distance(arg: str, value) -> int:
     return check_int(arg, value, minimum=1)
 
@@ -285,12 +295,7 @@ class RelativeBias:
     bias_mode = 2
 
     def __init__(self, table: torch.Tensor, *, max_distance: int):
-        self.max_distance = _check_distance("max_distance", max_distance)
-        _check_float_table("table", table, 2)
-        if table.shape[1] != 2 * self.max_distance + 1:
-            raise ValueError(f"table: expected (num_heads, 2*max_distance+1={2 * self.max_distance + 1}), "
-                             f"got {tuple(table.shape)}")
-        self.table = table
+        self.max_distance, self.table = _check_distance_table(table, max_distance)
 
     def __repr__(self):
         return f"RelativeBias(table{tuple(self.table.shape)}, max_distance={self.max_distance})"
@@ -407,12 +412,7 @@ class URPE:
     """
 
     def __init__(self, table: torch.Tensor, *, max_distance: int):
-        self.max_distance = _check_distance("max_distance", max_distance)
-        _check_float_table("table", table, 2)
-        if table.shape[1] != 2 * self.max_distance + 1:
-            raise ValueError(f"table: expected (num_heads, 2*max_distance+1={2 * self.max_distance + 1}), "
-                             f"got {tuple(table.shape)}")
-        self.table = table
+        self.max_distance, self.table = _check_distance_table(table, max_distance)
 
     def __repr__(self):
         return f"URPE(table{tuple(self.table.shape)}, max_distance={self.max_distance})"

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .._memory import madvise_hugepage as _madvise_hugepage
+
 from .. import _backends
 from .._checks import Dims, check_choice, check_int, check_same, check_tensor, dtype_name
 from ..ops_registry import register
@@ -34,8 +36,6 @@ _TORCH_CAUSAL_CHUNK = 128
 # all heads is ~1 MiB, so each chunk's intermediates are still in L2 when the next op reads them
 # (one pass over v, q and out in memory instead of one per op).
 _TORCH_CHUNK_ELEMS = 1 << 18
-_HUGEPAGE_MIN_BYTES = 8 << 20
-_MADVISE = None
 
 
 def _check_pm1(arg: str, codes: torch.Tensor) -> None:
@@ -164,36 +164,6 @@ def _pack_int32(words: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # torch backend: memory-bounded (never N x N), differentiable by torch autograd.
 
-def _madvise_hugepage(t: torch.Tensor) -> None:
-    """Ask Linux for transparent huge pages under a fresh large CPU tensor, before it is first written.
-
-    A fresh 32 MiB output (64k tokens x 2 heads x 64 fp32) is mmap-ed by malloc on every call, and the
-    first write faults in 8192 4-KiB pages: ~14 ms of a ~35 ms call here (1 thread), while at 8k tokens
-    malloc reuses already-mapped memory. With MADV_HUGEPAGE (THP in "madvise" mode, the common default;
-    what ``THP_MEM_ALLOC_ENABLE=1`` does for every torch allocation) the same write takes ~3.5 ms.
-    Advisory only: on any failure, or off Linux, nothing happens."""
-    global _MADVISE
-    nbytes = t.numel() * t.element_size()
-    if t.device.type != "cpu" or nbytes < _HUGEPAGE_MIN_BYTES:
-        return
-    if _MADVISE is None:
-        _MADVISE = False
-        try:
-            import ctypes
-            import sys
-            if sys.platform.startswith("linux"):
-                libc = ctypes.CDLL(None, use_errno=True)
-                libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                libc.madvise.restype = ctypes.c_int
-                _MADVISE = libc.madvise
-        except (OSError, AttributeError):
-            pass
-    if _MADVISE:
-        huge, madv_hugepage = 2 << 20, 14
-        lo = -(-t.data_ptr() // huge) * huge               # the 2 MiB-aligned interior of the buffer
-        hi = (t.data_ptr() + nbytes) // huge * huge
-        if hi > lo:
-            _MADVISE(lo, hi - lo, madv_hugepage)
 
 
 def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int | None = None):

@@ -34,7 +34,7 @@ from .. import reference as _ref
 from .._backends import resolve
 from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_cu_seqlens, check_float, check_int,
                        check_tensor, check_window, dtype_name)
-from .ecoformer import _madvise_hugepage  # THP hint for fresh large CPU outputs (shared helper)
+from .._memory import madvise_hugepage as _madvise_hugepage  # THP hint for fresh large CPU outputs
 
 __all__ = [
     "unpad_input",
