@@ -31,7 +31,13 @@ def _rows(position_ids, batch, seqlen, device):
     """Table row of every token: (batch or 1, seqlen) int64."""
     if position_ids is None:
         return torch.arange(seqlen, device=device).unsqueeze(0)
-    return position_ids.to(torch.int64).reshape(-1, seqlen)
+    return _pos2d(position_ids, seqlen).to(torch.int64)
+
+
+def _pos2d(position_ids, seqlen):
+    """position_ids (seqlen,) or (batch|1, seqlen) as 2-D; an explicit leading size, since reshape(-1, 0)
+    is ambiguous for seqlen 0 (found by tests/test_fuzz_rotary.py)."""
+    return position_ids.reshape(1 if position_ids.dim() == 1 else position_ids.shape[0], seqlen)
 
 
 def _rotary_torch(x, cos, sin, position_ids, interleaved, conjugate):
@@ -53,7 +59,7 @@ def _launch(x, cos, sin, position_ids, interleaved, conjugate, backend, out):
         if x.numel() == 0:
             return
         from .. import _cuda
-        pos = None if position_ids is None else position_ids.reshape(-1, x.shape[1])
+        pos = None if position_ids is None else _pos2d(position_ids, x.shape[1])
         kw = dict(interleaved=interleaved, conj=conjugate, position_ids=pos)
         with torch.cuda.device(x.device):
             if out is x and x.stride(-1) != 1:   # the kernel rotates in place only with a unit last-dim stride
@@ -64,7 +70,7 @@ def _launch(x, cos, sin, position_ids, interleaved, conjugate, backend, out):
     from ..triton_kernels.rotary import apply_rotary_fwd
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    pos = None if position_ids is None else position_ids.reshape(-1, x.shape[1])
+    pos = None if position_ids is None else _pos2d(position_ids, x.shape[1])
     apply_rotary_fwd(x, cos, sin, out, position_ids=pos, interleaved=interleaved, conjugate=conjugate)
 
 
@@ -238,7 +244,12 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     if inplace and not needs_grad:
         _launch(x, cos, sin, position_ids, interleaved, False, name, x)
         return x
-    out = torch.ops.posattn.apply_rotary(x, cos, sin, position_ids, interleaved, False, name)
+    src = x
+    if inplace and (cos.requires_grad or sin.requires_grad):
+        # the table gradients need x as it was; x is overwritten below, so the op saves a copy
+        # (without it backward failed: "modified by an inplace operation"; tests/test_fuzz_rotary.py)
+        src = x.clone()
+    out = torch.ops.posattn.apply_rotary(src, cos, sin, position_ids, interleaved, False, name)
     if inplace:
         return x.copy_(out)
     return out
