@@ -52,3 +52,20 @@ def test_apply_rotary_inplace_with_table_gradients(backend, x_grad):
     want = torch.autograd.grad(ref, ([x64] if x_grad else []) + [c64, s64], dout.double())
     for a, b in zip(got, want):
         assert torch.allclose(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch,seqlen,rest", [(1, 1, ()), (0, 0, ()), (2, 0, (3,)), (0, 5, (2, 2))])
+def test_unpad_pad_with_no_token(batch, seqlen, rest):
+    """Minimal examples: pad_input of 0 packed rows (an all-padding mask, batch 1, seqlen 1) and unpad_input of a
+    batch with batch * seqlen == 0. ops/varlen.py reshaped with (0, -1), which torch refuses as ambiguous
+    (RuntimeError). Now empty results, zeros after padding, and a zero gradient."""
+    x = torch.randn((batch, seqlen) + rest, requires_grad=True)
+    mask = torch.zeros(batch, seqlen, dtype=torch.bool)
+    xu, idx, cu, mx, used = posattn.unpad_input(x, mask)
+    ru, ri, rc, rm, rs = R.unpad_input(x.detach(), mask)
+    assert xu.shape == ru.shape and torch.equal(idx, ri) and torch.equal(cu, rc) and mx == rm == 0
+    assert torch.equal(used, rs)
+    xp = posattn.pad_input(xu, idx, batch, seqlen)
+    assert torch.equal(xp, torch.zeros_like(x))
+    (g,) = torch.autograd.grad(xp, [x], torch.randn_like(xp))
+    assert torch.equal(g, torch.zeros_like(x))

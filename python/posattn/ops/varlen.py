@@ -181,7 +181,8 @@ def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor):
     indices, cu_seqlens, seqlens = _unpad_index(mask)
     max_seqlen = int(seqlens.max()) if batch > 0 else 0
     rest = hidden_states.shape[2:]
-    flat = hidden_states.reshape(batch * seqlen, -1)
+    # explicit width: reshape(0, -1) is ambiguous (batch or seqlen 0; found by tests/test_fuzz_unpad.py)
+    flat = hidden_states.reshape(batch * seqlen, math.prod(rest))
     packed = _IndexFirstAxis.apply(flat, indices).reshape(indices.numel(), *rest)
     return packed, indices, cu_seqlens, max_seqlen, seqlens
 
@@ -251,7 +252,7 @@ def pad_input(hidden_unpadded: torch.Tensor, indices: torch.Tensor, batch: int, 
         if total > 1 and bool((torch.sort(idx).values.diff() == 0).any()):
             raise ValueError("indices: expected distinct rows, got repeated values")
     rest = hidden_unpadded.shape[1:]
-    flat = hidden_unpadded.reshape(total, -1)
+    flat = hidden_unpadded.reshape(total, math.prod(rest))   # explicit width: total may be 0
     return _IndexPutFirstAxis.apply(flat, idx, rows).reshape(batch, seqlen, *rest)
 
 
