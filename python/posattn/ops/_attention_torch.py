@@ -14,12 +14,22 @@ O(seqlen_q * seqlen_k).
 Forward fast path (``fast_path_ok``: CPU, no softcap/URPE/dropout, head_dim_v == head_dim): each chunk
 runs torch's fused CPU attention kernel with the positional bias, causal mask and window passed as one
 Toeplitz vector viewed with strides (memory O(seqlen) for the bias without a user ``attn_mask``); see
-"Forward fast path" below. The other cases, and every backward, use the general path described here.
+"Forward fast path" below. The other cases use the general path described here.
 
-Backward recomputes each chunk's forward with autograd enabled and calls ``torch.autograd.grad`` with
-the chunk's ``dout`` (and ``dlse``), so memory stays bounded and the gradients of every positional
-table (RelativeBias/T5/URPE tables, ALiBi slopes, learned phases) and of a float ``attn_mask`` come
-out of the same code as the forward. Saved ``out``/``lse`` are not needed by this backend.
+Backward (``attention_torch_bwd``, see "Backward" below) uses the saved ``out`` and ``lse``:
+
+* ``_aten_bwd``: torch's fused CPU attention backward on the forward fast path's inputs (rotated q/k,
+  Toeplitz bias view, visible key range), for fp32 inputs when no gradient of lse, of a float mask or of a
+  positional parameter (ALiBi slopes, tables, learned phases) is needed;
+* ``_flash_bwd``: every other case (all positional encodings incl. URPE, softcap, dropout, dlse, float64,
+  fp16/bf16), the FlashAttention-2 backward (arXiv 2307.08691, Algorithm 2): per block of query rows,
+  recompute the logits, P = exp(S - lse) from the saved lse, dS = P * (dP - rowsum(dO * out) + dlse), and
+  the parameters' gradients as per-distance sums of dS (deterministic);
+* ``_recompute_bwd`` (``BWD_IMPL = "recompute"``): the previous per-chunk recomputation under autograd,
+  kept as a cross-check (tests, bench/bench_torch_backward.py).
+
+Both fast backwards hold O(chunk x seqlen_k) like the forward. Measured (1 thread, fp32, B=1, H=8,
+N=2048, d=64, causal): see bench/README.md / the bench script's docstring.
 
 Dropout: a keep-mask drawn per chunk from a ``torch.Generator`` seeded with ``(seed, chunk start)``;
 backward regenerates it identically (the chunk size is a pure function of the shapes).
@@ -286,26 +296,32 @@ def _zero_dead_keys(kc, vc, dead):
     return kc.masked_fill(dead[..., None], 0), vc.masked_fill(dead[..., None], 0)
 
 
-def _fast_chunk(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o):
-    """Queries i0..i1-1 on the fused kernel. qc (B, H, n, D) and kr, vr (B, Hk, Sk, D) in the accumulation
-    dtype, k already rotated for RoPE/learned phases (xPos rotates here: its scale is centred per chunk).
-    Returns out (B, H, n, D) and lse (B, H, n) in that dtype."""
+def _fast_prep(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o):
+    """Inputs of the fused kernel for queries i0..i1-1 (shared by the forward and the aten backward).
+
+    qc (B, H, n, D) and kr, vr (B, Hk, Sk, D) in the accumulation dtype, k already rotated for RoPE/learned
+    phases (xPos rotates here: its scale is centred per chunk). Returns None when no key is visible to any row
+    of the chunk, else a dict: q (rotated, rows reversed when ``rev``), k, v (the visible key range [lo, hi),
+    dead keys zeroed), mask (the kernel's attn_mask or None), rev, live ((B|1, H|1, n) bool, natural order, or
+    None = all rows live), lo, hi, rq = (cos, sin) of the query rotation (natural order) or None, rk = (cos,
+    sin) of the xPos key rotation of this chunk or None."""
     acc, device = qc.dtype, qc.device
     B, H, n, D = qc.shape
     Sk, offset = kr.shape[2], o["offset"]
     pq0 = i0 + offset
     lo, hi = _key_range(o, pq0, n, Sk)
     if hi <= lo:                                     # no key visible to any row of the chunk
-        return qc.new_zeros((B, H, n, D)), qc.new_full((B, H, n), float("-inf"))
+        return None
     iq = torch.arange(i0, i1, device=device, dtype=torch.int64) + offset
     ks, vs = kr[:, :, lo:hi], vr[:, :, lo:hi]
+    rq = rk = None
     if o["rotary_mode"]:
-        cq, sq = _rotary_cos_sin(o, inv_freq, position_ids, phases, iq, acc, True, pq0)
-        qc = _ref.apply_rotary(qc, cq, sq, o["interleaved"])
+        rq = _rotary_cos_sin(o, inv_freq, position_ids, phases, iq, acc, True, pq0)
+        qc = _ref.apply_rotary(qc, rq[0], rq[1], o["interleaved"])
         if o["rotary_mode"] == 2:
             ik = torch.arange(lo, hi, device=device, dtype=torch.int64)
-            ck, sk = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, pq0)
-            ks = _ref.apply_rotary(ks, ck, sk, o["interleaved"])
+            rk = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, pq0)
+            ks = _ref.apply_rotary(ks, rk[0], rk[1], o["interleaved"])
     nk = hi - lo
     # distances pk - pq of the chunk, smallest first: (lo - (pq0 + n - 1)) .. (hi - 1 - pq0)
     rel = torch.arange(n + nk - 1, device=device, dtype=torch.int64) + (lo - pq0 - n + 1)
@@ -344,9 +360,20 @@ def _fast_chunk(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, a
     # the aten kernel assumes a unit stride in head_dim (it silently misreads other strides: found by the
     # deep fuzz profile, tests/test_regressions.py::test_torch_fast_path_last_dim_strided)
     q_in, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_in, ks, vs))
-    out, lse = _FLASH_CPU(q_in, ks, vs, 0.0, False, attn_mask=mask, scale=o["softmax_scale"])
-    if rev:
+    return dict(q=q_in, k=ks, v=vs, mask=mask, rev=rev, live=live, lo=lo, hi=hi, rq=rq, rk=rk)
+
+
+def _fast_chunk(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o):
+    """Queries i0..i1-1 on the fused kernel (inputs as ``_fast_prep``).
+    Returns out (B, H, n, D) and lse (B, H, n) in the accumulation dtype."""
+    B, H, n, D = qc.shape
+    P = _fast_prep(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o)
+    if P is None:
+        return qc.new_zeros((B, H, n, D)), qc.new_full((B, H, n), float("-inf"))
+    out, lse = _FLASH_CPU(P["q"], P["k"], P["v"], 0.0, False, attn_mask=P["mask"], scale=o["softmax_scale"])
+    if P["rev"]:
         out, lse = out.flip(2), lse.flip(2)
+    live = P["live"]
     if live is not None and not bool(live.all()):
         dead_rows = ~live.expand(B, H, n)
         lse = lse.masked_fill(dead_rows, float("-inf"))
@@ -405,16 +432,409 @@ def attention_torch_fwd(q, k, v, attn_mask, inv_freq, position_ids, phases, alib
     return out, lse
 
 
-def attention_torch_bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
-                        bias_table, urpe_table, o: dict, need: dict):
-    """Backward by per-chunk recomputation.
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+# Which implementation ``attention_torch_bwd`` runs: "auto" (the fast paths below) or "recompute" (the
+# autograd recomputation ``_recompute_bwd``, kept as a cross-check and for bench/bench_torch_backward.py).
+BWD_IMPL = "auto"
+# Elements of one row block's logits in the flash-style backward (causal/window skip the keys a block does not
+# see, so blocks are kept small enough to make that pay); never more rows than ``chunk_rows``.
+BLOCK_ELEMS = 1 << 22
+_FLASH_CPU_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+_PARAM_GRADS = ("attn_mask", "phases", "alibi_slopes", "bias_table", "urpe_table")
 
-    ``need`` says which gradients to compute: keys "q", "k", "v", "attn_mask", "phases", "alibi_slopes",
-    "bias_table", "urpe_table". Returns a dict name -> gradient (same dtype/shape as the input) or None.
+
+def attention_torch_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
+                        bias_table, urpe_table, o: dict, need: dict):
+    """Backward of ``attention_torch_fwd``.
+
+    ``out``/``lse`` are the forward's results (lse fp32, natural log; either may be None: then they are
+    recomputed). ``need`` says which gradients to compute: keys "q", "k", "v", "attn_mask", "phases",
+    "alibi_slopes", "bias_table", "urpe_table". Returns a dict name -> gradient (same dtype/shape as the input)
+    or None.
+
+    Paths: ``_aten_bwd`` (torch's fused CPU attention backward) where the forward fast path's conditions hold,
+    the inputs are fp32 and neither dlse nor a positional/mask gradient is needed; else ``_flash_bwd``
+    (FlashAttention-2's backward, arXiv 2307.08691 Algorithm 2, on the saved statistics). ``BWD_IMPL =
+    "recompute"`` selects the autograd recomputation instead.
     """
-    with _autograd_enabled():
-        return _bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table,
-                    urpe_table, o, need)
+    if BWD_IMPL == "recompute":
+        with _autograd_enabled():
+            return _recompute_bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
+                                  bias_table, urpe_table, o, need)
+    with torch.no_grad():
+        if _aten_bwd_ok(q, k, v, out, lse, dlse, o, urpe_table, need):
+            return _aten_bwd(dout, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
+                             bias_table, o, need)
+        return _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
+                          bias_table, urpe_table, o, need)
+
+
+def _rotate_t(x, cs, interleaved):
+    """Transpose of the rotation ``apply_rotary(., cos, sin)`` (with xPos/YaRN scales folded into cos, sin it is
+    not the inverse): maps a gradient in rotated space back to the unrotated input."""
+    return _ref.apply_rotary(x, cs[0], -cs[1], interleaved)
+
+
+def _phase_grad(g, xr, half: int, interleaved: bool):
+    """d loss / d angle of each rotated pair: g = d loss / d (rotated x), xr = rotated x -> (..., half).
+    A pair (a, b) -> (a cos - b sin, a sin + b cos) = (ra, rb) has d/dangle = (-rb, ra)."""
+    r = 2 * half
+    if interleaved:
+        ga, gb, ra, rb = g[..., 0:r:2], g[..., 1:r:2], xr[..., 0:r:2], xr[..., 1:r:2]
+    else:
+        ga, gb, ra, rb = g[..., :half], g[..., half:r], xr[..., :half], xr[..., half:r]
+    return gb * ra - ga * rb
+
+
+def _finish_kv(dk_acc, dv_acc, k, v, kr_rot, ck_all, o, expanded: bool, dph):
+    """dk/dv accumulators (B, Hkv, Sk, D) -> gradients in k/v's layout and dtype. ``ck_all`` is the key
+    rotation applied once (RoPE/learned phases, dk_acc in rotated space), else None; learned-phase gradients
+    of the keys go to ``dph``; ``expanded``: k/v were expanded to the query heads (GQA + learned phases)."""
+    if ck_all is not None:
+        if dph is not None:                          # keys no query saw have dk 0 and may hold NaN/inf: skip them
+            kz = kr_rot.masked_fill((dk_acc == 0).all(-1, keepdim=True), 0)
+            dph += _phase_grad(dk_acc, kz, o["rotary_dim"] // 2, o["interleaved"])
+        dk_acc = _rotate_t(dk_acc, ck_all, o["interleaved"])
+    if expanded:                                     # sum over each kv head's group of query heads
+        Hk = k.shape[2]
+        dk_acc = dk_acc.reshape(dk_acc.shape[0], Hk, -1, *dk_acc.shape[2:]).sum(2)
+        dv_acc = dv_acc.reshape(dv_acc.shape[0], Hk, -1, *dv_acc.shape[2:]).sum(2)
+    dk = torch.empty_like(k).copy_(dk_acc.permute(0, 2, 1, 3))
+    dv = torch.empty_like(v).copy_(dv_acc.permute(0, 2, 1, 3))
+    return dk, dv
+
+
+def _prepare_kv(q, k, v, inv_freq, position_ids, phases, o, acc):
+    """k, v as (B, Hkv, Sk, D) in acc; expanded to the query heads for learned phases with GQA (per query head);
+    rotated once for RoPE / learned phases. Returns kr, vr, ck_all (cos, sin) or None, expanded."""
+    H, Sk = q.shape[2], k.shape[1]
+    kr = k.detach().permute(0, 2, 1, 3).to(acc)
+    vr = v.detach().permute(0, 2, 1, 3).to(acc)
+    expanded = o["rotary_mode"] == 3 and kr.shape[1] != H
+    if expanded:
+        head_map = torch.arange(H, device=q.device) // (H // kr.shape[1])
+        kr, vr = kr.index_select(1, head_map), vr.index_select(1, head_map)
+    ck_all = None
+    if o["rotary_mode"] in (1, 3):
+        ik = torch.arange(Sk, device=q.device, dtype=torch.int64)
+        ck_all = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, 0)
+        kr = _ref.apply_rotary(kr, ck_all[0], ck_all[1], o["interleaved"])
+    return kr, vr, ck_all, expanded
+
+
+# --- torch's fused CPU backward ------------------------------------------------------------------
+
+def _aten_bwd_ok(q, k, v, out, lse, dlse, o, urpe_table, need) -> bool:
+    """The fused CPU backward computes exactly this op's dq/dk/dv: fp32, the forward fast path's cases, no dlse
+    and no gradient of a mask or positional parameter (it returns none)."""
+    return (_FLASH_CPU_BWD is not None and q.dtype == torch.float32 and out is not None and lse is not None
+            and dlse is None and fast_path_ok(q, k, v, o, urpe_table)
+            and not any(need.get(n) for n in _PARAM_GRADS))
+
+
+def _aten_bwd(dout, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o,
+              need):
+    """Per query chunk: the same kernel inputs as the forward fast path (``_fast_prep``: rotated q/k, Toeplitz
+    bias view with reversed rows, visible key range), ``aten._scaled_dot_product_flash_attention_for_cpu_backward``
+    with the saved out/lse, then the rotations' transposes on dq/dk. GQA: the kernel sums dk/dv over the group."""
+    acc = torch.float32
+    B, Sq, H, _ = q.shape
+    Sk = k.shape[1]
+    kr, vr, ck_all, expanded = _prepare_kv(q, k, v, inv_freq, position_ids, phases, o, acc)
+    dk_acc, dv_acc = torch.zeros_like(kr), torch.zeros_like(vr)
+    dq = torch.zeros_like(q) if need["q"] else None
+    C = chunk_rows(B, H, Sq, Sk)
+    for i0 in range(0, Sq, C):
+        i1 = min(Sq, i0 + C)
+        qc = q[:, i0:i1].detach().permute(0, 2, 1, 3).to(acc)
+        do = dout[:, i0:i1].permute(0, 2, 1, 3).to(acc)
+        oc = out[:, i0:i1].permute(0, 2, 1, 3).to(acc)
+        lc = lse[:, :, i0:i1]
+        dead = torch.isneginf(lc)
+        if bool(dead.any()):                         # fully masked rows: p = exp(-inf - 0) = 0, no NaN from q/dout
+            lc = lc.masked_fill(dead, 0.0)
+            qc = qc.masked_fill(dead[..., None], 0)
+            do = do.masked_fill(dead[..., None], 0)
+        P = _fast_prep(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o)
+        if P is None:                                # no visible key: zero gradients for these rows
+            continue
+        if P["rev"]:
+            do, oc, lc = do.flip(2), oc.flip(2), lc.flip(2)
+        do, oc = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, oc))
+        gq, gk, gv = _FLASH_CPU_BWD(do, P["q"], P["k"], P["v"], oc, lc.contiguous(), 0.0, False,
+                                    attn_mask=P["mask"], scale=o["softmax_scale"])
+        lo, hi = P["lo"], P["hi"]
+        if dq is not None:
+            if P["rev"]:
+                gq = gq.flip(2)
+            if P["rq"] is not None:
+                gq = _rotate_t(gq, P["rq"], o["interleaved"])
+            dq[:, i0:i1] = gq.permute(0, 2, 1, 3)
+        if P["rk"] is not None:                      # xPos: keys rotated per chunk
+            gk = _rotate_t(gk, P["rk"], o["interleaved"])
+        dk_acc[:, :, lo:hi] += gk
+        dv_acc[:, :, lo:hi] += gv
+    dk, dv = _finish_kv(dk_acc, dv_acc, k, v, kr, ck_all, o, expanded, None)
+    return dict(q=dq, k=dk if need["k"] else None, v=dv if need["v"] else None, attn_mask=None, phases=None,
+                alibi_slopes=None, bias_table=None, urpe_table=None)
+
+
+# --- FlashAttention-2 backward ---------------------------------------------------------------------
+
+def _diag_sums(g: torch.Tensor) -> torch.Tensor:
+    """Anti-diagonal sums of g (X, n, m): out[x, t] = sum_{r + j = t} g[x, r, j], t = 0..n+m-2.
+
+    For a block whose rows are queries in reverse order (row r = query n-1-r) the anti-diagonals are the
+    distances pk - pq, so this turns dS into per-distance sums for the Toeplitz parameters. Rows are copied into a
+    zero buffer of row length m + n and read back with row stride m + n - 1 (each row shifted by one more element:
+    a skew), in pieces of at most max(m, 64) rows so the buffer stays O(rows x m)."""
+    X, n, m = g.shape
+    res = g.new_zeros((X, n + m - 1))
+    step = max(m, 64)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        r = b - a
+        W = m + r
+        buf = g.new_zeros((X, r, W))
+        buf[:, :, :m] = g[:, a:b]
+        res[:, a:a + r + m - 1] += buf.as_strided((X, r, W - 1), (r * W, W - 1, 1)).sum(1)
+    return res
+
+
+def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table,
+               urpe_table, o, need):
+    """FlashAttention-2 backward (arXiv 2307.08691, Algorithm 2) in blocks of query rows, every mode.
+
+    Per block of n query rows (processed in reverse order, so every Toeplitz term is a strided view of one
+    vector over the distances pk - pq, as in the forward fast path) and its visible key range [lo, hi):
+    S = scale * rot(q) rot(k)^T [softcap] + bias + mask, Pn = exp(S - lse) with the saved lse (recomputed for
+    float64 inputs: the saved lse is fp32), A = Pn * urpe * dropout (what multiplies V), dV += A^T dO,
+    dA = dO V^T, dPn = dA * urpe * dropout, delta = rowsum(dO * out) (= rowsum(Pn * dPn), used instead for
+    fp16/bf16 inputs whose saved out is rounded), dS = Pn * (dPn - delta + dlse), then the additive terms' grads
+    (mask, ALiBi slopes, tables: per-distance sums of dS) and through softcap, dq = dS K scale, dK += dS^T Q scale,
+    rotations transposed. The dropout keep-mask is regenerated per forward chunk (same chunks as the forward).
+    """
+    acc = _acc_dtype(q.dtype)
+    dev = q.device
+    B, Sq, H, D = q.shape
+    Sk, Dv = k.shape[1], v.shape[3]
+    scale, cap, offset, mode = o["softmax_scale"], o["softcap"], o["offset"], o["rotary_mode"]
+    half = o["rotary_dim"] // 2
+    il = o["interleaved"]
+    kr, vr, ck_all, expanded = _prepare_kv(q, k, v, inv_freq, position_ids, phases, o, acc)
+    Hkv = kr.shape[1]
+    group = H // Hkv
+    dk_acc = torch.zeros((B, Hkv, Sk, D), dtype=acc, device=dev)
+    dv_acc = torch.zeros((B, Hkv, Sk, Dv), dtype=acc, device=dev)
+    dq = torch.zeros_like(q) if need["q"] else None
+    float_mask = attn_mask is not None and attn_mask.dtype != torch.bool
+    dmask = torch.zeros(attn_mask.shape, dtype=acc, device=dev) if float_mask and need["attn_mask"] else None
+    dph = torch.zeros(phases.shape, dtype=acc, device=dev) if need["phases"] and mode == 3 else None
+    dslope = torch.zeros(alibi_slopes.shape, dtype=acc, device=dev) \
+        if need["alibi_slopes"] and o["bias_mode"] == 1 else None
+    dtab = torch.zeros(bias_table.shape, dtype=acc, device=dev) \
+        if need["bias_table"] and o["bias_mode"] in (2, 3) else None
+    durpe = torch.zeros(urpe_table.shape, dtype=acc, device=dev) if need["urpe_table"] else None
+    exact_lse = lse is None or acc == torch.float64
+    delta_from_out = out is not None and q.dtype in (torch.float32, torch.float64)
+    C = chunk_rows(B, H, Sq, Sk)
+    R = min(C, max(16, BLOCK_ELEMS // max(1, B * H * Sk)))
+    for i0 in range(0, Sq if Sk > 0 else 0, C):
+        i1 = min(Sq, i0 + C)
+        keep = None
+        if o["dropout_p"] > 0:                       # the forward's keep-mask of this chunk, (B, H, n, Sk)
+            keep = dropout_keep(o["dropout_p"], o["seed"], i0, (B, H, i1 - i0, Sk), dev, acc)
+        for r0 in range(i0, i1, R):
+            r1 = min(i1, r0 + R)
+            n, pq0 = r1 - r0, r0 + offset
+            lo, hi = _key_range(o, pq0, n, Sk)
+            if hi <= lo:                             # no key visible to any row of the block
+                continue
+            nk = hi - lo
+            # rows in reverse order: row r is query r1-1-r
+            iq = torch.arange(r1 - 1, r0 - 1, -1, device=dev, dtype=torch.int64) + offset
+            rel = torch.arange(n + nk - 1, device=dev, dtype=torch.int64) + (lo - pq0 - n + 1)
+
+            def toeplitz(w):                         # (B|1, H|1, n + nk - 1) -> view (B|1, H|1, n, nk)
+                T = w.shape[-1]
+                return w.as_strided((w.shape[0], w.shape[1], n, nk), (w.shape[1] * T, T, 1, 1))
+
+            w = _distance_bias(o, alibi_slopes, bias_table, rel, acc)
+            m = None
+            if attn_mask is not None:
+                m = _mask_chunk(attn_mask, r0, r1, lo, hi)
+                m = m.flip(2) if m.shape[2] != 1 else m
+                if m.dtype != torch.bool:
+                    m = m.to(acc)
+            # the saved statistics of the block's rows (reversed); rows without a visible key have lse -inf
+            lse_b = None if lse is None else lse[:, :, r0:r1].flip(2).to(acc)
+            if lse_b is not None:
+                dead_rows = torch.isneginf(lse_b)
+            else:
+                vis = torch.ones((1, 1, n, nk), dtype=torch.bool, device=dev) if w is None else \
+                    ~torch.isneginf(toeplitz(w))
+                if m is not None:
+                    vis = vis & (m if m.dtype == torch.bool else ~torch.isneginf(m))
+                dead_rows = ~vis.any(-1).expand(B, H, n)
+            any_dead = bool(dead_rows.any())
+            # (B, H, n, D) copies, contiguous: the GQA views below need it
+            qb = q[:, r0:r1].detach().permute(0, 2, 1, 3).flip(2).to(acc).contiguous()
+            do = dout[:, r0:r1].permute(0, 2, 1, 3).flip(2).to(acc).contiguous()
+            if any_dead:                             # their q/dout never matter: no NaN/inf from them
+                qb.masked_fill_(dead_rows[..., None], 0)
+                do.masked_fill_(dead_rows[..., None], 0)
+            ks, vs = kr[:, :, lo:hi], vr[:, :, lo:hi]
+            cq = ckb = None
+            if mode:
+                cq = _rotary_cos_sin(o, inv_freq, position_ids, phases, iq, acc, True, pq0)
+                qb = _ref.apply_rotary(qb, cq[0], cq[1], il)
+                if mode == 2:                        # xPos: scale centred on the block (any centre is exact)
+                    ik = torch.arange(lo, hi, device=dev, dtype=torch.int64)
+                    ckb = _rotary_cos_sin(o, inv_freq, position_ids, phases, ik, acc, False, pq0)
+                    ks = _ref.apply_rotary(ks, ckb[0], ckb[1], il)
+            # keys hidden from every row of the block: zeroed, as in the forward (0 * NaN in the products)
+            if w is not None or m is not None:
+                if m is None:
+                    dead_k = _window_count(~torch.isneginf(w), n, nk) == 0
+                else:
+                    vis = torch.ones((1, 1, n, nk), dtype=torch.bool, device=dev) if w is None else \
+                        ~torch.isneginf(toeplitz(w))
+                    vis = vis & (m if m.dtype == torch.bool else ~torch.isneginf(m))
+                    dead_k = ~vis.any(2)
+                ks, vs = _zero_dead_keys(ks, vs, dead_k)
+            qb = qb.contiguous()                     # (rotation keeps it so; a no-op then)
+            qs = qb * scale
+            # logits, GQA without expanding k: (B, Hkv, group * n, .) is (B, H, n, .) in memory
+            s = torch.matmul(qs.view(B, Hkv, group * n, D), ks.transpose(-1, -2)).view(B, H, n, nk)
+            th = None
+            if cap > 0:
+                th = s.div_(cap).tanh_()             # tanh(s / cap), kept for the chain rule
+                s = th * cap
+            if w is not None:
+                s.add_(toeplitz(w))
+            if m is not None:
+                if m.dtype == torch.bool:
+                    s.masked_fill_(~m, float("-inf"))
+                else:
+                    s.add_(m)
+            if exact_lse:
+                mx = s.amax(dim=-1, keepdim=True)
+                mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+                lse_b = (mx + torch.log(torch.exp(s - mx).sum(-1, keepdim=True))).squeeze(-1)
+            lse_safe = lse_b.masked_fill(dead_rows, 0.0) if any_dead else lse_b
+            p = s.sub_(lse_safe[..., None]).exp_()   # normalised probabilities Pn, in place
+            cu = None
+            if urpe_table is not None:
+                cu = toeplitz(_ref.urpe_coeff(urpe_table.to(acc), rel[None, :1] * 0, rel[None],
+                                              o["urpe_max_distance"]).reshape(1, H, n + nk - 1))
+            z = None
+            if keep is not None:
+                z = keep[:, :, r0 - i0:r1 - i0, lo:hi].flip(2)
+            a = p
+            if cu is not None:
+                a = a * cu
+            if z is not None:
+                a = a * z
+            # dV += A^T dO (group reduced inside the product)
+            dv_acc[:, :, lo:hi] += torch.matmul(a.view(B, Hkv, group * n, nk).transpose(-1, -2),
+                                                do.view(B, Hkv, group * n, Dv))
+            del a
+            da = torch.matmul(do.view(B, Hkv, group * n, Dv), vs.transpose(-1, -2)).view(B, H, n, nk)
+            if durpe is not None:                    # d urpe coefficient = dA * Pn * dropout, per distance
+                gc = da * p
+                if z is not None:
+                    gc.mul_(z)
+                _table_grad(durpe, gc, rel, 2, o["urpe_max_distance"], o)
+                del gc
+            if cu is not None:
+                da.mul_(cu)
+            if z is not None:
+                da.mul_(z)
+            if delta_from_out:
+                ob = out[:, r0:r1].permute(0, 2, 1, 3).flip(2).to(acc)
+                if any_dead:
+                    ob = ob.masked_fill(dead_rows[..., None], 0)
+                delta = (do * ob).sum(-1)                                      # (B, H, n)
+            else:
+                delta = (p * da).sum(-1)
+            if dlse is not None:
+                dl = dlse[:, :, r0:r1].flip(2).to(acc)
+                delta = delta - (dl.masked_fill(dead_rows, 0) if any_dead else dl)
+            ds = da.sub_(delta[..., None]).mul_(p)                            # dS, in place
+            del p, s
+            if dmask is not None:
+                _mask_grad(dmask, ds, r0, r1, lo, hi)
+            if dslope is not None:                   # bias = -slope * |pk - pq|
+                dsum = _diag_sums(ds.reshape(B * H, n, nk)).view(B, H, -1)
+                dslope -= (dsum * rel.abs().to(acc)).sum(-1).reshape(dslope.shape)
+            if dtab is not None:
+                _table_grad(dtab, ds, rel, o["bias_mode"], o["max_distance"], o)
+            if th is not None:                       # softcap: d(cap tanh(x / cap)) = 1 - tanh^2
+                ds.mul_(th.mul_(th).neg_().add_(1))
+                del th
+            ds4 = ds.view(B, Hkv, group * n, nk)
+            dk_b = torch.matmul(ds4.transpose(-1, -2), qs.view(B, Hkv, group * n, D))   # rotated space
+            if ckb is not None:
+                dk_b = _rotate_t(dk_b, ckb, il)
+            dk_acc[:, :, lo:hi] += dk_b
+            if dq is not None or dph is not None:
+                gq = torch.matmul(ds4, ks).view(B, H, n, D).mul_(scale)      # d loss / d rot(q)
+                if dph is not None:                  # queries read the phases at positions i + offset
+                    dph[:, :, pq0:pq0 + n] += _phase_grad(gq, qb, half, il).flip(2)
+                if dq is not None:
+                    if cq is not None:
+                        gq = _rotate_t(gq, cq, il)
+                    dq[:, r0:r1] = gq.flip(2).permute(0, 2, 1, 3)
+    dk, dv = _finish_kv(dk_acc, dv_acc, k, v, kr, ck_all, o, expanded, dph)
+    res = dict(q=dq, k=dk if need["k"] else None, v=dv if need["v"] else None, attn_mask=None, phases=None,
+               alibi_slopes=None, bias_table=None, urpe_table=None)
+    for name, g, src in (("attn_mask", dmask, attn_mask), ("phases", dph, phases),
+                         ("alibi_slopes", dslope, alibi_slopes), ("bias_table", dtab, bias_table),
+                         ("urpe_table", durpe, urpe_table)):
+        if g is not None:
+            res[name] = g.to(src.dtype)
+    return res
+
+
+def _table_grad(dtab, g, rel, bias_mode: int, max_distance: int, o):
+    """Scatter dS-like g (B, H, n, nk) (rows reversed, distances rel (n + nk - 1,)) into a table's gradient:
+    RelativeBias/URPE (H, 2D+1) at clamp(rel, -D, D) + D, T5 (num_buckets, H) at bucket(rel). Deterministic:
+    per-distance sums, then index_add_ over the n + nk - 1 distances."""
+    B, H, n, nk = g.shape
+    gs = g.sum(0) if B > 1 else g[0]
+    dsum = _diag_sums(gs.contiguous())                                   # (H, n + nk - 1)
+    if bias_mode == 3:
+        idx = _ref.t5_bucket(rel, o["num_buckets"], max_distance, o["bidirectional"])
+        dtab.index_add_(0, idx, dsum.transpose(0, 1))
+    else:
+        idx = rel.clamp(-max_distance, max_distance) + max_distance
+        dtab.index_add_(1, idx, dsum)
+
+
+def _mask_grad(dmask, ds, r0, r1, lo, hi):
+    """Add the block's dS (B, H, n, nk), rows reversed, into dmask (the float attn_mask's shape, broadcast dims
+    of size 1 summed)."""
+    g = ds
+    if dmask.shape[0] == 1 and g.shape[0] != 1:
+        g = g.sum(0, keepdim=True)
+    if dmask.shape[1] == 1 and g.shape[1] != 1:
+        g = g.sum(1, keepdim=True)
+    cols = slice(lo, hi)
+    if dmask.shape[3] == 1:
+        g, cols = g.sum(3, keepdim=True), slice(None)
+    if dmask.shape[2] == 1:
+        dmask[:, :, :, cols] += g.sum(2, keepdim=True)
+    else:
+        dmask[:, :, r0:r1, cols] += g.flip(2)
+
+
+def _recompute_bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table,
+                   urpe_table, o, need):
+    """Backward by per-chunk recomputation under autograd (the previous implementation; ``BWD_IMPL``)."""
+    return _bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table,
+                urpe_table, o, need)
 
 
 def _bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, urpe_table,

@@ -140,7 +140,7 @@ def _fused_attention_bwd_op(
     if dlse is not None and not bool(dlse.any()):
         dlse = None
     if backend == "torch":
-        g = _attention_torch.attention_torch_bwd(dout, dlse, q, k, v, attn_mask, o=o, need=need, **pe)
+        g = _attention_torch.attention_torch_bwd(dout, dlse, q, k, v, out, lse, attn_mask, o=o, need=need, **pe)
     else:
         if dlse is not None:
             raise RuntimeError("backend='triton': a gradient flowing into softmax_lse is not supported by the "
