@@ -510,8 +510,9 @@ def _prepare_kv(q, k, v, inv_freq, position_ids, phases, o, acc):
     """k, v as (B, Hkv, Sk, D) in acc; expanded to the query heads for learned phases with GQA (per query head);
     rotated once for RoPE / learned phases. Returns kr, vr, ck_all (cos, sin) or None, expanded."""
     H, Sk = q.shape[2], k.shape[1]
-    kr = k.detach().permute(0, 2, 1, 3).to(acc)
-    vr = v.detach().permute(0, 2, 1, 3).to(acc)
+    # contiguous (B, Hkv, Sk, D) copies: the per-block products read them many times
+    kr = k.detach().permute(0, 2, 1, 3).to(acc).contiguous()
+    vr = v.detach().permute(0, 2, 1, 3).to(acc).contiguous()
     expanded = o["rotary_mode"] == 3 and kr.shape[1] != H
     if expanded:
         head_map = torch.arange(H, device=q.device) // (H // kr.shape[1])
@@ -583,13 +584,14 @@ def _aten_bwd(dout, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases
 
 # --- FlashAttention-2 backward ---------------------------------------------------------------------
 
-def _diag_sums(g: torch.Tensor) -> torch.Tensor:
+def _diag_sums(g: torch.Tensor, scratch: dict | None = None) -> torch.Tensor:
     """Anti-diagonal sums of g (X, n, m): out[x, t] = sum_{r + j = t} g[x, r, j], t = 0..n+m-2.
 
     For a block whose rows are queries in reverse order (row r = query n-1-r) the anti-diagonals are the
     distances pk - pq, so this turns dS into per-distance sums for the Toeplitz parameters. Rows are copied into a
-    zero buffer of row length m + n and read back with row stride m + n - 1 (each row shifted by one more element:
-    a skew), in pieces of at most max(m, 64) rows so the buffer stays O(rows x m)."""
+    buffer of row length m + r whose last r columns are zero, and read back with row stride m + r - 1 (each row
+    shifted by one more element: a skew), in pieces of r <= max(m, 64) rows so the buffer stays O(rows x m).
+    ``scratch`` (a dict) keeps the buffer between calls (fresh pages cost as much as the copy)."""
     X, n, m = g.shape
     res = g.new_zeros((X, n + m - 1))
     step = max(m, 64)
@@ -597,8 +599,16 @@ def _diag_sums(g: torch.Tensor) -> torch.Tensor:
         b = min(n, a + step)
         r = b - a
         W = m + r
-        buf = g.new_zeros((X, r, W))
-        buf[:, :, :m] = g[:, a:b]
+        size = X * r * W
+        flat = None if scratch is None else scratch.get("diag")
+        if flat is None or flat.numel() < size or flat.dtype != g.dtype:
+            # once, at the largest size the call will need (causal blocks grow): fresh pages are slow
+            flat = g.new_empty(max(size, 0 if scratch is None else scratch.get("size", 0)))
+            if scratch is not None:
+                scratch["diag"] = flat
+        buf = flat[:size].view(X, r, W)
+        buf[:, :, m:].zero_()
+        buf[:, :, :m].copy_(g[:, a:b])
         res[:, a:a + r + m - 1] += buf.as_strided((X, r, W - 1), (r * W, W - 1, 1)).sum(1)
     return res
 
@@ -641,6 +651,9 @@ def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids,
     delta_from_out = out is not None and q.dtype in (torch.float32, torch.float64)
     C = chunk_rows(B, H, Sq, Sk)
     R = min(C, max(16, BLOCK_ELEMS // max(1, B * H * Sk)))
+    piece = min(R, max(Sk, 64))
+    scratch: dict = {"size": B * H * piece * (Sk + piece) if (need["alibi_slopes"] or need["bias_table"]
+                                                             or need["urpe_table"]) else 0}
     for i0 in range(0, Sq if Sk > 0 else 0, C):
         i1 = min(Sq, i0 + C)
         keep = None
@@ -746,7 +759,7 @@ def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids,
                 gc = da * p
                 if z is not None:
                     gc.mul_(z)
-                _table_grad(durpe, gc, rel, 2, o["urpe_max_distance"], o)
+                _table_grad(durpe, gc, rel, 2, o["urpe_max_distance"], o, scratch)
                 del gc
             if cu is not None:
                 da.mul_(cu)
@@ -767,10 +780,10 @@ def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids,
             if dmask is not None:
                 _mask_grad(dmask, ds, r0, r1, lo, hi)
             if dslope is not None:                   # bias = -slope * |pk - pq|
-                dsum = _diag_sums(ds.reshape(B * H, n, nk)).view(B, H, -1)
+                dsum = _diag_sums(ds.reshape(B * H, n, nk), scratch).view(B, H, -1)
                 dslope -= (dsum * rel.abs().to(acc)).sum(-1).reshape(dslope.shape)
             if dtab is not None:
-                _table_grad(dtab, ds, rel, o["bias_mode"], o["max_distance"], o)
+                _table_grad(dtab, ds, rel, o["bias_mode"], o["max_distance"], o, scratch)
             if th is not None:                       # softcap: d(cap tanh(x / cap)) = 1 - tanh^2
                 ds.mul_(th.mul_(th).neg_().add_(1))
                 del th
@@ -798,13 +811,13 @@ def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids,
     return res
 
 
-def _table_grad(dtab, g, rel, bias_mode: int, max_distance: int, o):
+def _table_grad(dtab, g, rel, bias_mode: int, max_distance: int, o, scratch=None):
     """Scatter dS-like g (B, H, n, nk) (rows reversed, distances rel (n + nk - 1,)) into a table's gradient:
     RelativeBias/URPE (H, 2D+1) at clamp(rel, -D, D) + D, T5 (num_buckets, H) at bucket(rel). Deterministic:
     per-distance sums, then index_add_ over the n + nk - 1 distances."""
     B, H, n, nk = g.shape
     gs = g.sum(0) if B > 1 else g[0]
-    dsum = _diag_sums(gs.contiguous())                                   # (H, n + nk - 1)
+    dsum = _diag_sums(gs.contiguous(), scratch)                          # (H, n + nk - 1)
     if bias_mode == 3:
         idx = _ref.t5_bucket(rel, o["num_buckets"], max_distance, o["bidirectional"])
         dtab.index_add_(0, idx, dsum.transpose(0, 1))
