@@ -69,3 +69,22 @@ def test_unpad_pad_with_no_token(batch, seqlen, rest):
     assert torch.equal(xp, torch.zeros_like(x))
     (g,) = torch.autograd.grad(xp, [x], torch.randn_like(xp))
     assert torch.equal(g, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fmap", ["prf", "elu+1"])
+def test_kernelized_rpe_normalize_qk_zero_token_float16(backend, fmap):
+    """Minimal example: float16 q/k with an all-zero token (the "ties" regime draws exact zeros; head_dim 1),
+    normalize_qk=True. F.normalize's eps (1e-12) is 0 in float16, so the token became 0/0 = NaN and so did the
+    output. ops/kernelized_rpe.py now normalises in the FFT precision and rounds back to q's dtype."""
+    q = torch.tensor([[[[0.0], [1.0]]]], dtype=torch.float16)
+    k = torch.tensor([[[[-0.5], [0.0], [1.0]]]], dtype=torch.float16)
+    v = torch.tensor([[[[0.5], [1.0], [-2.0]]]], dtype=torch.float16)
+    bias = torch.zeros(1, 4)
+    kw = dict(projection=torch.ones(1, 1)) if fmap == "prf" else {}
+    out = posattn.kernelized_rpe_attention(q, k, v, bias, feature_map=fmap, normalize_qk=True, backend=backend, **kw)
+    assert torch.isfinite(out).all()
+    qn, kn = (torch.nn.functional.normalize(t.double(), dim=-1) for t in (q, k))
+    phi = (lambda x: R.prf_features(x, torch.ones(1, 1, dtype=torch.float64), 1.0)) if fmap == "prf" else R.elu1_features
+    ref = R.kernelized_rpe_direct(qn, kn, v.double(), bias.double(), phi, False)
+    assert torch.allclose(out.double(), ref, atol=2e-3, rtol=2e-3)

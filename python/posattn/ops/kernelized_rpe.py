@@ -592,8 +592,10 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     # ---- inputs of the core: normalised q/k, or the callable's features (ordinary autograd on both)
     xq, xk = q, k
     if normalize_qk:
-        xq = torch.nn.functional.normalize(q, dim=-1)
-        xk = torch.nn.functional.normalize(k, dim=-1)
+        # in the FFT precision, then back to q's dtype: F.normalize's eps (1e-12) is 0 in float16, so a zero
+        # token gave 0/0 = NaN (found by tests/test_fuzz_kernelized_rpe.py)
+        xq = torch.nn.functional.normalize(q.to(cdt), dim=-1).to(q.dtype)
+        xk = torch.nn.functional.normalize(k.to(cdt), dim=-1).to(k.dtype)
     if mode == "precomputed":
         xq, xk = feature_map(xq), feature_map(xk)
         for name, phi, x in (("q", xq, q), ("k", xk, k)):
