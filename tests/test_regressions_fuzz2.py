@@ -88,3 +88,68 @@ def test_kernelized_rpe_normalize_qk_zero_token_float16(backend, fmap):
     phi = (lambda x: R.prf_features(x, torch.ones(1, 1, dtype=torch.float64), 1.0)) if fmap == "prf" else R.elu1_features
     ref = R.kernelized_rpe_direct(qn, kn, v.double(), bias.double(), phi, False)
     assert torch.allclose(out.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def _pm1(*shape, seed=0):
+    return (torch.randint(0, 2, shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1).float()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_ecoformer_padded_values_are_never_read(backend, fill):
+    """Minimal example (torch: batch 1, 1 query, num_bits 2, random key_padding_mask, NaN in the padded v):
+    padded keys were excluded by multiplying with 0, and 0 * NaN = NaN, so the whole output became NaN. The torch
+    backend (ops/ecoformer.py) and the Triton kernels (triton_kernels/ecoformer.py) now select 0 instead."""
+    h = _pm1(1, 1, 5, 2)
+    v = torch.randn(1, 1, 5, 3)
+    mask = torch.tensor([[False, True, False, True, True]])
+    vp = v.clone()
+    vp[:, :, mask[0]] = fill
+    out = posattn.ecoformer_attention(h, h, vp, key_padding_mask=mask, backend=backend)
+    ref = R.ecoformer_pairwise(h, h, v, key_padding_mask=mask)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ecoformer_causal_keys_past_last_query_are_never_read(backend):
+    """Minimal example (Triton: causal, seqlen_q 5 < seqlen_k 17, NaN in v of keys 5..16, which no query sees):
+    the diagonal tile multiplied them by weight 0 (the torch backend also read them into its tile). Now they are
+    never read."""
+    q, k = _pm1(2, 2, 5, 7), _pm1(2, 2, 17, 7, seed=1)
+    v = torch.randn(2, 2, 17, 1)
+    vp = v.clone()
+    vp[:, :, 5:] = float("nan")
+    out = posattn.ecoformer_attention(q, k, vp, causal=True, backend=backend)
+    ref = R.ecoformer_pairwise(q, k, v, causal=True)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_ecoformer_backward_with_no_key(backend, packed):
+    """Minimal examples: seqlen_q == seqlen_k == 0 with v (and float codes) requiring grad. The torch backend returned
+    an output detached from the graph (backward raised "does not require grad"); the Triton backward raised "appears
+    to not have been used in the graph" (seqlen_k == 0). Now zero (empty) gradients."""
+    h = _pm1(1, 1, 0, 3).requires_grad_(not packed)
+    codes = posattn.ecoformer_pack_bits(h.detach()) if packed else h
+    v = torch.randn(1, 1, 0, 2, requires_grad=True)
+    out = posattn.ecoformer_attention(codes, codes, v, num_bits=3, backend=backend)
+    assert out.shape == (1, 1, 0, 2) and out.requires_grad
+    wrt = [v] + ([] if packed else [h])
+    g = torch.autograd.grad(out, wrt, torch.randn(out.shape), allow_unused=True)  # torch: v may take no part
+    assert all(x is None or (x.shape == t.shape and not x.any()) for x, t in zip(g, wrt))
+
+
+@pytest.mark.interp
+def test_ecoformer_triton_backward_with_no_key_but_queries():
+    """seqlen_k == 0 with queries (Triton backward recomputes with the torch backend: the keys take no part):
+    output 0, gradients 0 for the codes."""
+    q = _pm1(1, 2, 3, 4).requires_grad_(True)
+    k = _pm1(1, 2, 0, 4).requires_grad_(True)
+    v = torch.randn(1, 2, 0, 2, requires_grad=True)
+    out = posattn.ecoformer_attention(q, k, v, backend="triton")
+    assert torch.equal(out, torch.zeros(1, 2, 3, 2))
+    gq, gk, gv = torch.autograd.grad(out, [q, k, v], torch.randn(out.shape))
+    assert torch.equal(gq, torch.zeros_like(q)) and gk.shape == k.shape and gv.shape == v.shape

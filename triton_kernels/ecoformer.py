@@ -117,6 +117,8 @@ def _ecoformer_state_kernel(
 
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     v = tl.load(v_ptrs, mask=valid_n[:, None] & (offs_d < HEAD_DIM_V)[None, :], other=0.0)
+    # padded keys: select 0, never multiply (0 * NaN/inf in the padding would be read into every sum)
+    v = tl.where(keep[:, None] > 0, v, 0.0)
 
     # The sign-selected accumulation as one matrix product on the tensor cores: row t of P sums the
     # kept v_j whose bit t is set. sel is 0/1, so in v's own fp16/bf16 every product is exact and the
@@ -222,6 +224,9 @@ def _ecoformer_fwd_kernel(
             wgt -= C * vis                                               # the repository drops (b+1) v_j
         v_ptrs = V + off_b * stride_vb + off_hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
         v = tl.load(v_ptrs, mask=valid_n[:, None] & d_ok[None, :], other=0.0)
+        # keys no valid row of this tile sees (padded, or past the last query): select 0, never multiply
+        # (0 * NaN/inf would be NaN; found by tests/test_fuzz_ecoformer.py)
+        v = tl.where((tl.sum(tl.where(valid_m[:, None], vis, 0.0), 0) > 0)[:, None], v, 0.0)
         if W_IN_V_DTYPE:
             # integer weights |w| <= 2b+1, exact in v's fp16/bf16 (the launcher checks the bound)
             num = tl.dot(wgt.to(v.dtype), v, num)

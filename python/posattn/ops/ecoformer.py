@@ -186,6 +186,9 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
     kk, vv = k.to(cdt), v.to(cdt)
     keep_c = None if keep is None else keep.to(cdt)
     kd = kk if keep_c is None else kk * keep_c[:, None, :, None]   # codes of padded keys zeroed
+    # values of padded keys zeroed by a select, not a product: 0 * NaN would read them into every sum
+    # (NaN/inf in padding gave a NaN output; found by tests/test_fuzz_ecoformer.py)
+    vk = vv if keep_c is None else vv.masked_fill(keep_c[:, None, :, None] == 0, 0.0)
     track = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = None
     if not track:
@@ -208,7 +211,7 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
 
     def key_chunk(c0, c1):
         """(S, z, s, n) of keys c0..c1-1: S = k^T v (one GEMM), z = sum k, s = sum keep v, n = sum keep."""
-        kc, vc = kd[:, :, c0:c1], vv[:, :, c0:c1]
+        kc, vc = kd[:, :, c0:c1], vk[:, :, c0:c1]
         if keep_c is None:
             s_c, n_c = vc.sum(2), float(c1 - c0)
         else:
@@ -250,7 +253,9 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
     else:
         step = chunk or _TORCH_CAUSAL_CHUNK
         for c0 in range(0, max(M, 1), step):   # M = 0: one empty step keeps the result in the graph
-            c1, ck1 = min(c0 + step, M), min(c0 + step, N)   # keys past M are never visible (j <= i < M)
+            # keys past M are never visible (j <= i < M): never read (0 * NaN in the tile would be NaN)
+            c1 = min(c0 + step, M)
+            ck1 = min(c1, N)
             num, den = query_chunk(c0, c1, *state_matrix(S, z, s, n))   # keys before the chunk, via the state
             if ck1 > c0:
                 # the diagonal tile, pairwise: w_ij = h_i . h_j + (b+1) for c0 <= j <= i (tril of the tile)
@@ -261,13 +266,17 @@ def _ecoformer_torch(q, k, v, keep, *, causal: bool, ref_form: bool, chunk: int 
                 den = den + w.sum(-1, keepdim=True)
                 if ref_form:
                     w = w - C * (w != 0)                  # the authors' numerator drops the (b+1) v_j term
-                num = num + w @ vv[:, :, None, c0:ck1]
+                num = num + w @ vk[:, :, None, c0:ck1]
                 dS, dz, ds, dn = key_chunk(c0, ck1)
                 S, z, s, n = S + dS, z + dz, s + ds, n + dn
             emit(c0, c1, num, den)
     if out is not None:
         return out.reshape(B, H, M, d)
     res = torch.cat(outs, 3) if len(outs) > 1 else outs[0]
+    if not res.requires_grad:
+        # nothing reached the graph (seqlen_q == seqlen_k == 0): keep the empty result attached so that backward
+        # runs (the inputs that require grad are empty here, so this adds exactly 0; tests/test_fuzz_ecoformer.py)
+        res = res + sum(t.sum() for t in (q, k, v) if t.requires_grad).to(res.dtype) * 0
     return res.reshape(B, H, M, d).to(v.dtype)
 
 
@@ -328,7 +337,12 @@ class _EcoFormerKernelFn(torch.autograd.Function):
             ins = [t.detach().requires_grad_(r) for t, r in zip((q_f, k_f, v), need)]
             out = _ecoformer_torch(*ins, keep, causal=causal, ref_form=ref_form)
             wrt = [t for t in ins if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wrt, dout)) if wrt else iter(())
+            # allow_unused: with seqlen_k == 0 the keys (or with seqlen_q == 0 the queries) take no part, and
+            # with both 0 the recomputed output is not attached at all: zero gradients (autograd raised
+            # "appears to not have been used" / "does not require grad"; found by tests/test_fuzz_ecoformer.py)
+            gl = torch.autograd.grad(out, wrt, dout, allow_unused=True) if wrt and out.requires_grad else \
+                [None] * len(wrt)
+            grads = iter([torch.zeros_like(t) if g is None else g for t, g in zip(wrt, gl)])
         return tuple(next(grads) if r else None for r in need) + (None,) * 7
 
 
