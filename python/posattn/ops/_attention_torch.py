@@ -651,6 +651,8 @@ def _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids,
     delta_from_out = out is not None and q.dtype in (torch.float32, torch.float64)
     C = chunk_rows(B, H, Sq, Sk)
     R = min(C, max(16, BLOCK_ELEMS // max(1, B * H * Sk)))
+    if o["causal"] or o["window_left"] >= 0 or o["window_right"] >= 0:   # >= ~8 blocks: skip hidden keys
+        R = min(R, max(64, -(-min(C, Sq) // 8)))
     piece = min(R, max(Sk, 64))
     scratch: dict = {"size": B * H * piece * (Sk + piece) if (need["alibi_slopes"] or need["bias_table"]
                                                              or need["urpe_table"]) else 0}
