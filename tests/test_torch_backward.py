@@ -263,3 +263,22 @@ def test_diag_sums_matches_loop():
         for j in range(5):
             want[:, r + j] += g[:, r, j]
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("path", ["flash"], indirect=True)
+@pytest.mark.parametrize("seqlens", [(0, 0), (0, 3), (3, 0)], ids=str)
+def test_empty_lengths_learned_phase_gqa(seqlens, path):
+    """Zero-length q or k with learned phases and GQA (k/v expanded to the query heads): zero gradients, no
+    error (found by the fuzz tests: reshape of an empty tensor); NaN in keys no query sees stays out."""
+    Sq, Sk = seqlens
+    B, H, Hk, D = 1, 2, 1, 6
+    q, k, v = qkv(B, Sq, Sk, H, Hk, D, torch.float32)
+    k = k.fill_(float("nan")).requires_grad_(True)   # never read: no query row, or no key
+    q.requires_grad_(True)
+    v.requires_grad_(True)
+    freqs = (0.25 + 0.5 * torch.rand(B, H, Sk)).requires_grad_(True)
+    position = posattn.positional.LearnedPhaseRoPE(freqs) if Sq == 0 or Sk > 0 else None
+    out = posattn.flash_attn_func(q, k, v, position=position, backend="torch")
+    ins = [q, k, v] + ([freqs] if position is not None else [])
+    for g in torch.autograd.grad(out, ins, torch.randn_like(out), allow_unused=True):
+        assert g is None or (g == 0).all()

@@ -499,8 +499,9 @@ def _finish_kv(dk_acc, dv_acc, k, v, kr_rot, ck_all, o, expanded: bool, dph):
         dk_acc = _rotate_t(dk_acc, ck_all, o["interleaved"])
     if expanded:                                     # sum over each kv head's group of query heads
         Hk = k.shape[2]
-        dk_acc = dk_acc.reshape(dk_acc.shape[0], Hk, -1, *dk_acc.shape[2:]).sum(2)
-        dv_acc = dv_acc.reshape(dv_acc.shape[0], Hk, -1, *dv_acc.shape[2:]).sum(2)
+        g = dk_acc.shape[1] // Hk                    # explicit: -1 is ambiguous with seqlen_k = 0
+        dk_acc = dk_acc.reshape(dk_acc.shape[0], Hk, g, *dk_acc.shape[2:]).sum(2)
+        dv_acc = dv_acc.reshape(dv_acc.shape[0], Hk, g, *dv_acc.shape[2:]).sum(2)
     dk = torch.empty_like(k).copy_(dk_acc.permute(0, 2, 1, 3))
     dv = torch.empty_like(v).copy_(dv_acc.permute(0, 2, 1, 3))
     return dk, dv
