@@ -295,10 +295,16 @@ def test_configs_cover_head_dims():
     for configs in (fa.FWD_CONFIGS, fa.BWD_CONFIGS):
         for d in (16, 40, 64, 72, 128, 256):
             for kind in fa.CONFIG_KINDS:
-                cfg = fa.config_for(configs, d, kind)
-                assert {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(cfg)
-                assert set(cfg) <= {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "dq_BLOCK_M", "dq_BLOCK_N",
-                                    "dq_num_warps", "dq_num_stages"}, cfg
+                for arch in fa.ARCH_FAMILIES:
+                    cfg = fa.config_for(configs, d, kind, arch)
+                    assert {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} <= set(cfg)
+                    assert set(cfg) <= {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "dq_BLOCK_M", "dq_BLOCK_N",
+                                        "dq_num_warps", "dq_num_stages", "split_dkdv", "split_dk"}, cfg
+    # an "sm<arch>" entry overrides its arch only
+    assert fa.config_for(fa.BWD_CONFIGS, 128, "phases", 80)["BLOCK_N"] == 32
+    assert fa.config_for(fa.BWD_CONFIGS, 128, "phases", 90)["BLOCK_N"] == 64
+    with pytest.raises(ValueError, match="arch"):
+        fa.config_for(fa.FWD_CONFIGS, 64, "plain", 75)
     with pytest.raises(ValueError, match="head_dim"):
         fa.config_for(fa.FWD_CONFIGS, 512)
     with pytest.raises(ValueError, match="kind"):
@@ -369,3 +375,37 @@ def test_rotary_head_dim_16(device):
     # head_dim 16 with rotary: padded to 32 so each half tile is a tl.dot operand (K >= 16)
     _check(device, position="rope_interleaved_yarn", head_dim=16, seqlen_q=17, seqlen_k=17, heads=2, heads_k=1,
            batch=1, causal=True)
+
+
+@pytest.mark.parametrize("split,position", [("dkdv", None), ("dkdv", "rope"), ("dkdv", "phases"),
+                                            ("dk", "rope"), ("dk", "phases"), ("dk", ["rope", "relbias"])])
+def test_split_dkdv_launches(device, monkeypatch, split, position):
+    # head_dim 256 runs the dk/dv kernel as separate launches (dv, then dk; with "split_dk" and rotary the
+    # rotated-space dk in two halves through an fp32 buffer): the same gradients, here forced at head_dim 64
+    # with GQA, a partial last block and causal alignment
+    cfg = {"split_dkdv": True, "split_dk": split == "dk"}
+    for key in [k for k in fa.BWD_CONFIGS if k == 64 or (isinstance(k, tuple) and k[0] == 64)]:
+        monkeypatch.setitem(fa.BWD_CONFIGS, key, dict(fa.BWD_CONFIGS[key], **cfg))
+    torch.manual_seed(0)
+    # fp32 with learned phases: their freqs gradient cancels to ~0 at t = 0 (a global rotation changes
+    # nothing), beyond fp16's atol (test_fuzz_*.py cover fp16 with norm floors)
+    dtype = torch.float32 if position == "phases" else torch.float16
+    _check(device, dtype=dtype, position=position, causal=True, seqlen_q=23, seqlen_k=37, batch=1,
+           heads=4, heads_k=2, head_dim=64)
+
+
+def test_sm80_configs(device):
+    # the launches an sm_80 GPU gets (fa.force_target_arch): 32-key dk/dv programs at 4 warps with learned
+    # phases at head_dim 128, checked for correctness here (their resources: tests/test_compile.py)
+    global BLOCK
+    saved, BLOCK = BLOCK, {}
+    try:
+        with fa.force_target_arch(80):
+            assert fa.config_for(fa.BWD_CONFIGS, 128, "phases", fa.target_arch(device))["BLOCK_N"] == 32
+            torch.manual_seed(0)
+            _check(device, dtype=torch.float32, position="phases", causal=True, seqlen_q=40, seqlen_k=40, batch=1,
+                   heads=2, heads_k=1, head_dim=128)
+            _check(device, dtype=torch.float16, position=["rope", "relbias"], causal=True, seqlen_q=40, seqlen_k=40,
+                   batch=1, heads=2, heads_k=1, head_dim=128)
+    finally:
+        BLOCK = saved

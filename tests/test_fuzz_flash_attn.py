@@ -15,7 +15,7 @@ import posattn
 from posattn import reference as R
 from posattn.flash_attn_interface import normalize_window
 from fuzz_helpers import (lse_floor, DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
-                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, poison_rows,
+                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, emulations, emulation_factor, poison_rows,
                           poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
 
@@ -64,9 +64,15 @@ def _fa_case(data, backend):
     if alibi is not None:
         ref_pos = ([p for p in position] if isinstance(position, list) else
                    ([] if position is None else [position])) + [posattn.ALiBi(alibi)]
-    ro, rl = R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2), scale=scale,
-                         causal=causal, offset=offset, window_size=(left, right), softcap=softcap, position=ref_pos)
+    ref_kw = dict(scale=scale, causal=causal, offset=offset, window_size=(left, right), softcap=softcap,
+                  position=ref_pos)
+    ro, rl = R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2), **ref_kw)
     ro = ro.transpose(1, 2)
+    # second oracle: the kernel's roundings (fuzz_helpers.kernel_rounding)
+    emus = emulations(lambda **kr: R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2),
+                                               **ref_kw, **kr), backend, dtype, seed)
+    eo = [o.transpose(1, 2) for o, _ in emus]
+    el = [lse for _, lse in emus]
 
     k_in, v_in = k, v
     if poison is not None:
@@ -95,20 +101,24 @@ def _fa_case(data, backend):
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"
-        check_close(out, ro, dtype, name="out", cond=cond)
+        check_close(out, ro, dtype, name="out", cond=cond, emulated=eo,
+                    emulation_factor=emulation_factor(position))
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
-                    scale=lse_floor(rl))
+                    scale=lse_floor(rl), emulated=el,
+                    emulation_factor=emulation_factor(position))
         dout = values(out.shape, dtype, "unit", gen)
         got = grads(out, ours + leaves, dout)
     want = grads(ro, [q64, k64, v64] + leaves, dout.double())
+    emu = list(zip(*[grads(o, [q64, k64, v64] + leaves, dout.double()) for o in eo])) or [None] * len(want)
     if packing == "qkv":
         got = [got[0][:, :, 0], got[0][:, :, 1], got[0][:, :, 2]] + got[1:]
     elif packing == "kv":
         got = [got[0], got[1][:, :, 0], got[1][:, :, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
-    for g, w, n, f in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk))):
+    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") else None
-        check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond)
+        check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond, emulated=we,
+                    emulation_factor=emulation_factor(position))
     if packing == "qkv":
         assert_unchanged(snap, qkv=qkv, alibi=alibi)
     elif packing == "kv":

@@ -31,6 +31,7 @@ Launchers
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -71,8 +72,11 @@ FWD_CONFIGS = {
     (128, "phases"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
     (128, "table"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
     (128, "rotary+table"): dict(BLOCK_M=128, BLOCK_N=32, num_stages=1, **_W8),
-    256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    # sm_80 at 4 warps: 1 LDL / STL (d=256 causal)
+    256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, sm80=_W8),
     (256, "rotary"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
+    # learned phases: [BLOCK, 128] fp32 phase / cos / sin tiles per rotation (at BLOCK_N 32: 7 LDL / STL on sm_90)
+    (256, "phases"): dict(BLOCK_M=64, BLOCK_N=16, num_stages=1, **_W8),
     (256, "table"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
     (256, "rotary+table"): dict(BLOCK_M=64, BLOCK_N=32, num_stages=1, **_W8),
 }
@@ -82,6 +86,10 @@ FWD_CONFIGS = {
 # wgmma (below it Triton falls back to mma.sync); likewise dq_BLOCK_M. Table gradients skew a
 # (BLOCK_M + BLOCK_N) x dq_BLOCK_N tile (positional.toeplitz_accumulate): dq_BLOCK_N stays 32.
 _DQ = dict(dq_BLOCK_M=64, dq_BLOCK_N=32, dq_num_warps=8, dq_num_stages=2)
+# sm_80 (mma.sync: every warp holds its share of the loop-invariant k / v operands in registers)
+# with learned phases or rotary + table gradients at d=128: 32 keys a program at 4 warps (at 64 x 8
+# warps 1-23 LDL / STL); 32 queries a dq program at 4 warps
+_SM80_ROT = dict(BLOCK_N=32, num_warps=4, dq_BLOCK_M=32, dq_num_warps=4)
 BWD_CONFIGS = {
     64: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2, **dict(_DQ, dq_num_warps=4)),
     (64, "rotary"): dict(BLOCK_M=32, BLOCK_N=64, num_stages=2, **_W8, **_DQ),
@@ -90,27 +98,74 @@ BWD_CONFIGS = {
     (64, "rotary+table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
     128: dict(BLOCK_M=32, BLOCK_N=64, num_stages=2, **_W8, **_DQ),
     (128, "rotary"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
+    (128, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16), sm80=_SM80_ROT),
     (128, "table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
-    (128, "rotary+table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16)),
-    256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=1)),
+    (128, "rotary+table"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=1, **_W8, **dict(_DQ, dq_BLOCK_N=16),
+                                sm80=_SM80_ROT),
+    # two [BLOCK_N, 256] fp32 accumulators do not fit next to k and v: dv and dk by separate launches
+    256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, **_W8,
+              **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2)),
+    # learned phases at 256: dk in two halves as well (split_dk); sm_80 in 16-row programs at 4 warps. Open:
+    # on sm_90 the dk (second half) and dq epilogues (phase gradient: phases, cos, sin, k, dk tiles live at
+    # once) spill 29 / 37 LDL after their loops, none inside them (docs/KERNEL_RESOURCES.md)
+    (256, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, split_dk=True, **_W8,
+                          **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2),
+                          sm80=dict(BLOCK_N=16, num_warps=4, dq_BLOCK_M=16, dq_num_warps=4)),
 }
 # "phases" (learned phases) falls back to "rotary" where it has no entry of its own
 CONFIG_KINDS = ("plain", "rotary", "phases", "table", "rotary+table")
 _KIND_FALLBACK = {"phases": "rotary"}
 
 
-def config_for(configs: dict, head_dim: int, kind: str = "plain") -> dict:
-    """The config of the smallest bucket >= head_dim (head_dim <= 256) for ``kind`` (CONFIG_KINDS)."""
+def config_for(configs: dict, head_dim: int, kind: str = "plain", arch: int = 90) -> dict:
+    """The config of the smallest bucket >= head_dim (head_dim <= 256) for ``kind`` (CONFIG_KINDS)
+    on ``arch`` (80 or 90, see ``target_arch``): the entry's ``"sm<arch>"`` sub-dict, if any,
+    overrides its other keys."""
     if kind not in CONFIG_KINDS:
         raise ValueError(f"kind: expected one of {CONFIG_KINDS}, got {kind!r}")
+    if arch not in ARCH_FAMILIES:
+        raise ValueError(f"arch: expected one of {ARCH_FAMILIES}, got {arch!r}")
     buckets = sorted(b for b in configs if isinstance(b, int))
     for bucket in buckets:
         if head_dim <= bucket:
+            entry = configs[bucket]
             for k in (kind, _KIND_FALLBACK.get(kind)):
                 if (bucket, k) in configs:
-                    return dict(configs[(bucket, k)])
-            return dict(configs[bucket])
+                    entry = configs[(bucket, k)]
+                    break
+            cfg = {n: v for n, v in entry.items() if not n.startswith("sm")}
+            cfg.update(entry.get(f"sm{arch}", {}))
+            return cfg
     raise ValueError(f"head_dim: expected <= {buckets[-1]}, got {head_dim}")
+
+
+# Config families: 80 (Ampere / Ada mma.sync: sm_80, 86, 89) and 90 (Hopper wgmma, and newer)
+ARCH_FAMILIES = (80, 90)
+_FORCED_ARCH: list = []
+
+
+@contextlib.contextmanager
+def force_target_arch(arch: int):
+    """Within the block, launchers pick the configs of ``arch`` whatever the device (used by
+    ``python -m posattn report`` to record, on CPU, the launches each GPU would get)."""
+    if arch not in ARCH_FAMILIES:
+        raise ValueError(f"arch: expected one of {ARCH_FAMILIES}, got {arch!r}")
+    _FORCED_ARCH.append(arch)
+    try:
+        yield
+    finally:
+        _FORCED_ARCH.pop()
+
+
+def target_arch(device) -> int:
+    """The config family for tensors on ``device``: 90 on compute capability >= 9, 80 on an older
+    CUDA GPU; 90 (the tables' defaults) on CPU, i.e. under the Triton interpreter."""
+    if _FORCED_ARCH:
+        return _FORCED_ARCH[-1]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+    return 90
 
 
 # ------------------------------------------------------------------------------------------------
@@ -505,10 +560,12 @@ def _fused_attention_bwd_dkdv_kernel(
     num_heads, num_heads_k, group, seqlen_q, seqlen_k, head_dim, head_dim_v, offset, bottom_right,
     sm_scale, qk_scale2, softcap_scale, softcap2, window_left, window_right, bias_max_distance, urpe_max_distance,
     rotary_half, rotary_scale, xpos_scale_base, dropout_p, dropout_scale, seed, rng_rows, rng_cols,
+    DKA_BUF, stride_sb, stride_sn, stride_sh,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, MASK_MODE: tl.constexpr,
     BIAS_MODE: tl.constexpr, HAS_URPE: tl.constexpr, ROTARY_MODE: tl.constexpr, INTERLEAVED: tl.constexpr,
     HAS_POS_IDS: tl.constexpr, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, FAST_TRIG: tl.constexpr,
+    DKDV_PART: tl.constexpr = 0,
 ):
     # One program per (key block, batch, kv head): dk, dv of BLOCK_N keys, summed over the query
     # heads of the GQA group (the loop over g) and over the query blocks that see these keys.
@@ -517,6 +574,14 @@ def _fused_attention_bwd_dkdv_kernel(
     # summed gradient rotated back once at the end. Learned phases differ per query head: the
     # launcher gives this kernel group == 1 then (k, v repeated per query head, dk, dv reduced over
     # the group on the host), and the angle gradient goes to DPHASES_K[b, h, j] (one writer each).
+    # DKDV_PART: 0 both; 1 dv only, 2 dk only (and the phase gradient): the launcher runs the kernel
+    # twice where dk and dv accumulators plus the loop-invariant k / v operands do not fit in the
+    # registers (head_dim 256: 2 x [BLOCK_N, 256] fp32 accumulators alone are 128 registers a thread
+    # at 8 warps); each half recomputes q k^T (one extra matmul of the seven) but does not spill.
+    # Rotary at head_dim 256 splits dk once more: 3 accumulates the first half tile of the
+    # rotated-space gradient (dka) into the fp32 buffer DKA_BUF, 4 the second (dkb), then reads dka
+    # back, rotates both back and stores dk (and the phase gradient); 3 and 4 each recompute q k^T
+    # and dO v^T.
     # Grid: (cdiv(max seqlen_k, BLOCK_N), batch * num_heads_k).
     tl.static_assert(ROTARY_MODE == 0 or HEAD_DIM >= 32, "rotary half tiles need HEAD_DIM >= 32 (tl.dot K >= 16)")
     start_n = tl.program_id(0).to(tl.int64) * BLOCK_N
@@ -541,8 +606,9 @@ def _fused_attention_bwd_dkdv_kernel(
         n_live = _band_cols(offs_n, n_ok, sq * 0, sq - 1, off, window_left, window_right)
     K_rows = K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n) * stride_kn
     ka, kb = _load_tiles(K_rows, n_live, col_a, col_b, head_dim, ROTARY_MODE)
-    v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n)[:, None] * stride_vn
-                + offs_dv[None, :], mask=n_live[:, None] & dv_ok[None, :], other=0.0)
+    if DKDV_PART != 1:
+        v = tl.load(V + off_b * stride_vb + off_hk * stride_vh + (k_start + offs_n)[:, None] * stride_vn
+                    + offs_dv[None, :], mask=n_live[:, None] & dv_ok[None, :], other=0.0)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_V], dtype=tl.float32)
     dka = tl.zeros(ka.shape, dtype=tl.float32)
     dkb = dka
@@ -613,36 +679,71 @@ def _fused_attention_bwd_dkdv_kernel(
                                                     bias_max_distance, BLOCK_M, BLOCK_N, SOFTCAP, HAS_WINDOW,
                                                     MASK_MODE, BIAS_MODE, True)
             pt = tl.exp2(st - lse2[None, :])
-            dpt = _dot(v, tl.trans(do), DOT_PRECISION)
-            pvt = pt
+            coef = pt
             if HAS_URPE:
                 coef = urpe_coef(relt, URPE_H, stride_ui, urpe_max_distance)
-                pvt = pvt * coef
-                dpt = dpt * coef
+            keep = pt == pt
             if DROPOUT:
                 keep = _dropout_keep(seed, off_h, off_b * (seqlen_q * (1 - IS_VARLEN)) + rows_q, offs_n,
                                      rng_rows, rng_cols, dropout_p, True)
-                pvt = tl.where(keep, pvt * dropout_scale, 0.0)
-                dpt = tl.where(keep, dpt * dropout_scale, 0.0)
-            dv = _dot_acc(pvt.to(dtype), do, dv, DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            if SOFTCAP:
-                dst = dst * (1.0 - tht * tht)
-            if MASK_MODE != 0:
-                # masked entries have pt = 0 exactly; v_j . dO_i (and tanh) may be NaN for a poisoned key
-                dst = tl.where(pt == 0.0, 0.0, dst)
-            dst = (dst * sm_scale).to(dtype)
-            ga = _dot_acc(dst, qa, ga, DOT_PRECISION)
-            if ROTARY_MODE != 0:
-                gb = _dot_acc(dst, qb, gb, DOT_PRECISION)
+            if DKDV_PART != 2:
+                pvt = pt
+                if HAS_URPE:
+                    pvt = pvt * coef
+                if DROPOUT:
+                    pvt = tl.where(keep, pvt * dropout_scale, 0.0)
+                dv = _dot_acc(pvt.to(dtype), do, dv, DOT_PRECISION)
+            if DKDV_PART != 1:
+                dpt = _dot(v, tl.trans(do), DOT_PRECISION)
+                if HAS_URPE:
+                    dpt = dpt * coef
+                if DROPOUT:
+                    dpt = tl.where(keep, dpt * dropout_scale, 0.0)
+                dst = pt * (dpt - delta[None, :])
+                if SOFTCAP:
+                    dst = dst * (1.0 - tht * tht)
+                if MASK_MODE != 0:
+                    # masked entries have pt = 0 exactly; v_j . dO_i (and tanh) may be NaN for a poisoned key
+                    dst = tl.where(pt == 0.0, 0.0, dst)
+                dst = (dst * sm_scale).to(dtype)
+                if DKDV_PART != 4:
+                    ga = _dot_acc(dst, qa, ga, DOT_PRECISION)
+                if ROTARY_MODE != 0 and DKDV_PART != 3:
+                    gb = _dot_acc(dst, qb, gb, DOT_PRECISION)
         dka = ga
         dkb = gb
 
-    if ROTARY_MODE != 0:
+    # the program's indices again, through an opaque move: nothing indexed by them (rows, positions,
+    # masks, base pointers) stays live across the loop (registers)
+    start_n = _opaque(tl.program_id(0).to(tl.int64), FAST_TRIG) * BLOCK_N
+    off_bh = _opaque(tl.program_id(1).to(tl.int64), FAST_TRIG)
+    off_b = off_bh // num_heads_k
+    off_hk = off_bh % num_heads_k
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < sk
+    POS_IDS_B = POS_IDS + off_b * stride_pb
+    PHASES_BK = PHASES + off_b * stride_phb + off_hk * stride_phh
+    if DKDV_PART >= 3:
+        pair = tl.arange(0, HEAD_DIM // 2)
+        BUF = DKA_BUF + off_b * stride_sb + off_hk * stride_sh + (k_start + offs_n)[:, None] * stride_sn + pair[None, :]
+        if DKDV_PART == 3:
+            tl.store(BUF, dka, mask=n_ok[:, None])
+        else:
+            dka = tl.load(BUF, mask=n_ok[:, None], other=0.0)
+    if ROTARY_MODE != 0 and DKDV_PART != 1 and DKDV_PART != 3:
         # recomputed rather than kept live across the loops (registers)
-        ck, sk_ = rotary_cos_sin(_opaque(pos_k, FAST_TRIG), _opaque(offs_n, FAST_TRIG), n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
+        pos_k = _rotary_positions(POS_IDS_B, offs_n, n_ok, HAS_POS_IDS)
+        if ROTARY_MODE == 2:
+            xpos_center = tl.min(tl.where(n_ok, pos_k, _UNBOUNDED), 0)
+        ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
         if ROTARY_MODE == 3:
+            n_live = n_ok
+            if HAS_WINDOW:
+                n_live = _band_cols(offs_n, n_ok, sq * 0, sq - 1, off, window_left, window_right)
+            K_rows = K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n) * stride_kn
             xa, xb = _load_tiles(K_rows, n_live, col_a, col_b, head_dim, ROTARY_MODE)
             dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dka, dkb, ck, sk_)
             if MASK_MODE != 0:
@@ -652,10 +753,12 @@ def _fused_attention_bwd_dkdv_kernel(
             tl.store(DPHASES_K + off_b * stride_phb + off_hk * stride_phh + offs_n[:, None] * stride_pht
                      + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
         dka, dkb = rotate(dka, dkb, ck, -sk_)
-    _store_tiles(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n) * stride_dkn, n_ok, col_a, col_b,
-                 head_dim, dka, dkb, ROTARY_MODE)
-    tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvn
-             + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
+    if DKDV_PART != 1 and DKDV_PART != 3:
+        _store_tiles(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n) * stride_dkn, n_ok, col_a,
+                     col_b, head_dim, dka, dkb, ROTARY_MODE)
+    if DKDV_PART == 0 or DKDV_PART == 1:
+        tl.store(DV + off_b * stride_dvb + off_hk * stride_dvh + (k_start + offs_n)[:, None] * stride_dvn
+                 + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
@@ -807,12 +910,30 @@ def _fused_attention_bwd_dq_kernel(
         if ROTARY_MODE != 0:
             dqb = _dot_acc(dsd, kb, dqb, DOT_PRECISION)
 
+    # the program's indices again, through an opaque move: nothing indexed by them (rows, positions,
+    # masks, base pointers) stays live across the loop (registers)
+    pid_m = _opaque(tl.program_id(0).to(tl.int64), FAST_TRIG)
+    start_m = pid_m * BLOCK_M
+    off_bh = _opaque(tl.program_id(1).to(tl.int64), FAST_TRIG)
+    off_b = off_bh // num_heads
+    off_h = off_bh % num_heads
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < sq
+    rows_q = q_start + offs_m
     if ROTARY_MODE != 0:
-        # recomputed rather than kept live across the loop (registers)
-        cq, sq_ = rotary_cos_sin(_opaque(pos_q, FAST_TRIG), _opaque(tok_q, FAST_TRIG), m_ok, INV_FREQ, PHASES_BH,
-                                 stride_pht, rotary_half, rotary_scale, head_dim, xpos_center, xpos_scale_base,
-                                 False, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
+        # cos / sin recomputed rather than kept live across the loop (registers)
+        tok_q = offs_m + off
+        pos_q = _rotary_positions(POS_IDS + off_b * stride_pb, tok_q, m_ok, HAS_POS_IDS)
+        if ROTARY_MODE == 2:
+            xpos_center = tl.max(tl.where(m_ok, pos_q, -_UNBOUNDED), 0)
+        PHASES_BH = PHASES + off_b * stride_phb + off_h * stride_phh
+        cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
+                                 head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
+                                 FAST_TRIG)
         if ROTARY_MODE == 3:
+            Q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows_q * stride_qm
             xa, xb = _load_tiles(Q_rows, m_ok, col_a, col_b, head_dim, ROTARY_MODE)
             dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dqa, dqb, cq, sq_)
             pair = tl.arange(0, HEAD_DIM // 2)
@@ -885,6 +1006,7 @@ class _Launch:
         from posattn.positional import KernelPE
         pe = KernelPE() if pe is None else pe
         self.pe = pe
+        self.device = q.device
         self.varlen = cu_seqlens_q is not None
         dummy = q
         if self.varlen:
@@ -1026,7 +1148,8 @@ def _config_kind(launch) -> str:
 def _blocks(configs, launch, block_m, block_n, num_warps, num_stages):
     """The launch config: ``configs`` entry, then the caller's overrides (which apply to the dq
     kernel's ``dq_*`` keys too). Missing ``dq_*`` keys default to the dk/dv kernel's."""
-    cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V), _config_kind(launch))
+    cfg = config_for(configs, max(launch.HEAD_DIM, launch.HEAD_DIM_V), _config_kind(launch),
+                     target_arch(launch.device))
     for name, val in (("BLOCK_M", block_m), ("BLOCK_N", block_n), ("num_warps", num_warps),
                       ("num_stages", num_stages)):
         if val is not None:
@@ -1179,15 +1302,27 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
         dkk = torch.empty(kk.shape, dtype=torch.float32, device=dev)
         dvv = torch.empty(vv.shape, dtype=torch.float32, device=dev)
         heads_k, group = L.num_heads, 1
-    if nk_blocks > 0 and L.batch * heads_k > 0:
+    # split_dkdv: dv and dk by two launches of the kernel (DKDV_PART 1, 2); with rotary and
+    # "split_dk" three (1, 3, 4; dka in an fp32 buffer [.., rows, heads_k, HEAD_DIM / 2]), see the kernel
+    parts = (0,)
+    dka_buf, dka_strides = q, (0, 0, 0)
+    if cfg.get("split_dkdv"):
+        parts = (1, 2)
+        if cfg.get("split_dk") and L.rotary_mode != 0:
+            parts = (1, 3, 4)
+            dka_buf = torch.empty((*dkk.shape[:-1], L.HEAD_DIM // 2), dtype=torch.float32, device=dev)
+            dka_strides = _row_strides(dka_buf, varlen)
+    for part in parts:
+        if nk_blocks == 0 or L.batch * heads_k == 0:
+            break
         _fused_attention_bwd_dkdv_kernel[(nk_blocks, L.batch * heads_k)](
             q, kk, vv, dout, lse, delta, dkk, dvv, dph_k, *L.pe_ptrs(),
             *L.qs, *_row_strides(kk, varlen), *_row_strides(vv, varlen), *_row_strides(dout, varlen),
             *_lse_strides(lse, varlen), *_row_strides(dkk, varlen), *_row_strides(dvv, varlen),
             *common,
             L.num_heads, heads_k, group, L.seqlen_q, L.seqlen_k, L.head_dim, L.head_dim_v, L.offset,
-            L.bottom_right, *L.scalars(True),
-            BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(),
+            L.bottom_right, *L.scalars(True), dka_buf, *dka_strides,
+            BLOCK_M=BM, BLOCK_N=BN, **L.constexprs(), DKDV_PART=part,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     if dkk is not dk:
@@ -1309,7 +1444,7 @@ def report_cases():
         "rope+t5": lambda: [RoPE(), T5Bias(torch.zeros(32, h), num_buckets=32, max_distance=128)],
     }
     grid = [(d, name, "fp16") for d in (64, 128) for name in positions]
-    grid += [(64, "rope+alibi", "bf16"), (256, "causal", "fp16"), (256, "rope+alibi", "fp16")]
+    grid += [(64, "rope+alibi", "bf16"), (256, "causal", "fp16"), (256, "rope+alibi", "fp16"), (256, "phases", "fp16")]
     dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16}
     cases = []
     for d, name, dt in grid:

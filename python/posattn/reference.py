@@ -370,10 +370,47 @@ def _rotary_positions(position, batch, seqlen_q, seqlen_k, offset, device):
     return positions(batch, seqlen_q, seqlen_k, offset, ids, device=device)
 
 
+def _round_st(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` (kept in x's dtype), straight-through for autograd."""
+    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
+
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; the incoming gradient rounded to ``dtype`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
+class _RoundedOutDelta(torch.autograd.Function):
+    """``out`` rounded to ``dtype``; in backward, besides ``dout`` to ``out``, ``-dout . (round(out) - out_exact)``
+    to ``lse``: a flash backward takes ``delta = rowsum(dO * O)`` from the output it returned (computed from
+    rounded probabilities, then rounded), i.e. ``dS = P * (dP - delta_exact - dO . (O - O_exact))``, and
+    ``d lse / d S = P``."""
+
+    @staticmethod
+    def forward(ctx, out, lse, out_exact, dtype):
+        rounded = out.to(dtype).to(out.dtype)
+        ctx.save_for_backward(rounded - out_exact)
+        return rounded
+
+    @staticmethod
+    def backward(ctx, dout):
+        (err,) = ctx.saved_tensors
+        return dout, -(dout * err).sum(-1), None, None
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
               offset: int = 0, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
               attn_mask: torch.Tensor | None = None, position=None, dropout_mask: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+              dropout_p: float = 0.0, kernel_rounding: torch.dtype | None = None,
+              rounding_generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 dense attention with positional encodings: the truth for the fused kernels.
 
     Parameters
@@ -408,6 +445,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         Keep-mask; kept probabilities are scaled by ``1 / (1 - dropout_p)``. Required when
         ``dropout_p > 0`` (the reference is deterministic).
     dropout_p : float in [0, 1).
+    kernel_rounding : torch.dtype or None
+        None (default): exact. Else the roundings of a flash-style kernel whose tensor-core
+        operands are in this dtype (fp32 accumulation), each straight-through (value rounded,
+        gradient passed unchanged): the rotated (and xPos-scaled) q and k before ``q k^T``, the
+        probabilities before ``p v`` (so also in ``dv = p^T dO``), the output, and in the backward
+        ``delta = rowsum(dO * out)`` from the rounded output and the gradient of ``q k^T`` (``dS``)
+        before ``dS k`` and ``dS^T q``. Not the truth: a second oracle. A
+        kernel in fp16 / bf16 cannot be closer to the truth than this emulation is (FlashAttention's
+        tests compare against the same computation in the low dtype); tests bound the kernel's
+        error by a multiple of the emulation's where the dtype's table is too tight (softcap
+        derivatives and cancelling gradients amplify the roundings).
+    rounding_generator : torch.Generator or None
+        With ``kernel_rounding``: the rotated q and k get random relative errors of up to the
+        dtype's unit roundoff (uniform, from this generator) instead of round-to-nearest, another
+        rounding a kernel may equally make (its xPos centre or rotation order differ from this
+        function's). Tests take the worst of a few to gauge the spread of the rounding error.
 
     Returns
     -------
@@ -504,7 +557,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
             q64 = apply_rotary(q64, cq * af, sq_ * af, rot.interleaved)
             k64 = apply_rotary(k64, ck * af, sk_ * af, rot.interleaved)
 
-    s = torch.matmul(q64, k64.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+    if kernel_rounding is not None and rounding_generator is not None:
+        u = torch.finfo(kernel_rounding).eps / 2
+        for_q = torch.rand(q64.shape, generator=rounding_generator, dtype=f64).to(dev) * 2 - 1
+        for_k = torch.rand(k64.shape, generator=rounding_generator, dtype=f64).to(dev) * 2 - 1
+        q64 = q64 + (q64.detach() * u * for_q)
+        k64 = k64 + (k64.detach() * u * for_k)
+    elif kernel_rounding is not None:
+        q64, k64 = _round_st(q64, kernel_rounding), _round_st(k64, kernel_rounding)
+    qk = torch.matmul(q64, k64.transpose(-1, -2))
+    if kernel_rounding is not None:
+        qk = _RoundGrad.apply(qk, kernel_rounding)
+    s = qk * scale  # (B, H, Sq, Sk)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
 
@@ -555,8 +619,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         if dropout_mask.dtype != torch.bool:
             raise TypeError(f"dropout_mask: expected dtype bool (True = keep), got {dropout_mask.dtype}")
         p = p * dropout_mask.to(dev) / (1.0 - dropout_p)
-    out = torch.matmul(p, v64)
-    return out, lse
+    if kernel_rounding is None:
+        return torch.matmul(p, v64), lse
+    # the kernels round p (after URPE / dropout) for the p v and p^T dO dots; their backward's delta is
+    # rowsum(dO * out) of the output they returned, so it carries the rounding of p and of out
+    out_exact = torch.matmul(p.detach(), v64.detach())
+    out = torch.matmul(_round_st(p, kernel_rounding), v64)
+    return _RoundedOutDelta.apply(out, lse, out_exact, kernel_rounding), lse
 
 
 def _additive_bias(spec, B, H, iq, ik, dev, dtype):
@@ -677,8 +746,11 @@ def varlen_sequence_position(position, b: int, k0: int, k1: int):
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                      cu_seqlens_k: torch.Tensor, *, softmax_scale: float | None = None, causal: bool = False,
                      window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                     alibi_slopes: torch.Tensor | None = None, position=None):
-    """Float64 truth of ``posattn.flash_attn_varlen_func``: every sequence alone through ``attention``.
+                     alibi_slopes: torch.Tensor | None = None, position=None,
+                     kernel_rounding: torch.dtype | None = None,
+                     rounding_generator: torch.Generator | None = None):
+    """Float64 truth of ``posattn.flash_attn_varlen_func``: every sequence alone through ``attention``
+    (``kernel_rounding``, ``rounding_generator``: see ``attention``).
 
     q (total_q, H, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens int (batch+1,).
     ``alibi_slopes`` (H,) or (batch, H): FlashAttention's ``-slope * |i + sk - sq - j|``, i.e.
@@ -701,7 +773,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         o, l = attention(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
                          v[k0:k1].transpose(0, 1)[None], scale=softmax_scale, causal=causal,
                          offset=(k1 - k0) - (q1 - q0), window_size=window_size, softcap=softcap,
-                         position=varlen_sequence_position(position, b, k0, k1))
+                         position=varlen_sequence_position(position, b, k0, k1), kernel_rounding=kernel_rounding,
+                         rounding_generator=rounding_generator)
         out[q0:q1] = o[0].transpose(0, 1)
         lse[:, q0:q1] = l[0]
     return out, lse

@@ -58,6 +58,7 @@ class KernelResources:
     stack: Optional[int] = None
     spill_ld: Optional[int] = None
     spill_st: Optional[int] = None
+    spill_in_loop: Optional[int] = None  # LDL + STL inside loops (see sass_stats)
     smem_static: Optional[int] = None
     smem_dynamic: Optional[int] = None
     num_warps: Optional[int] = None
@@ -104,11 +105,25 @@ def resource_usage(cubin_or_so: str) -> dict[str, dict[str, int]]:
                              local=int(m.group(5))) for m in _RES_RE.finditer(out)}
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH_TARGET = re.compile(r"\bBRA\b.*?0x([0-9a-f]+)")
+
+
 def sass_stats(sass: str) -> dict[str, object]:
+    """Spill instructions (LDL / STL), how many of them sit inside a loop (between a backward branch's
+    target and the branch: the code that runs once per KV / query block), tensor-core instructions."""
     ld = len(re.findall(r"\bLDL(\.\S+)?\s", sass))
     st = len(re.findall(r"\bSTL(\.\S+)?\s", sass))
     tc = "HGMMA" if "HGMMA" in sass else ("HMMA" if "HMMA" in sass else "")
-    return dict(spill_ld=ld, spill_st=st, tensor_core=tc)
+    instrs = [(int(m.group(1), 16), m.group(2)) for m in _SASS_LINE.finditer(sass)]
+    loops = []
+    for addr, text in instrs:
+        b = _BRANCH_TARGET.search(text)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    in_loop = sum(1 for addr, text in instrs if re.search(r"\b(LDL|STL)\b", text)
+                  and any(lo <= addr <= hi for lo, hi in loops))
+    return dict(spill_ld=ld, spill_st=st, spill_in_loop=in_loop, tensor_core=tc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,43 +228,57 @@ def triton_cases(only: Optional[str] = None) -> list[tuple[str, str, Callable[[]
     return out
 
 
+def _forced_arch(arch: int):
+    """Context: Triton launchers choose the configs of ``arch`` (no-op if the kernels lack it)."""
+    import contextlib
+    try:
+        from posattn.triton_kernels.fused_attention import force_target_arch
+    except ImportError:
+        return contextlib.nullcontext()
+    return force_target_arch(arch)
+
+
 def triton_report(archs=ARCHS, only: Optional[str] = None) -> list[KernelResources]:
     rows: list[KernelResources] = []
     seen = set()
     for op, label, thunk, matmul in triton_cases(only):
-        with LaunchRecorder() as rec:
-            try:
-                thunk()
-            except Exception as err:
-                rows.append(KernelResources("triton", op, "?", label, 0, error=f"launcher failed: {err}"))
-                continue
-        for fn, args, kwargs, cfg in rec.launches:
-            cfg_label = f"{label}; {_config_label(fn, kwargs, cfg)}"
-            key = (fn.__name__, cfg_label)
-            if key in seen:
-                continue
-            seen.add(key)
-            for arch in archs:
-                mm = (fn.__name__ in matmul) if isinstance(matmul, (set, frozenset, tuple, list)) else bool(matmul)
-                row = KernelResources("triton", op, fn.__name__, cfg_label, arch, matmul_bound=mm)
+        for arch in archs:
+            # launchers pick per-arch configs (fused_attention.target_arch): record what ``arch`` gets
+            with LaunchRecorder() as rec, _forced_arch(arch):
                 try:
-                    k = compile_launch(fn, args, kwargs, arch)
-                    row.num_warps = k.metadata.num_warps
-                    row.smem_dynamic = int(k.metadata.shared)
-                    with tempfile.TemporaryDirectory() as d:
-                        p = os.path.join(d, "k.cubin")
-                        with open(p, "wb") as fh:
-                            fh.write(k.asm["cubin"])
-                        res = resource_usage(p)
-                        sass = subprocess.run([_tool("cuobjdump"), "-sass", p], capture_output=True, text=True).stdout
-                    r = next(iter(res.values()), {})
-                    row.registers, row.stack, row.smem_static = r.get("reg"), r.get("stack"), r.get("shared")
-                    for kk, vv in sass_stats(sass).items():
-                        setattr(row, kk, vv)
+                    thunk()
                 except Exception as err:
-                    row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-                rows.append(row)
+                    rows.append(KernelResources("triton", op, "?", label, arch, error=f"launcher failed: {err}"))
+                    continue
+            for fn, args, kwargs, cfg in rec.launches:
+                cfg_label = f"{label}; {_config_label(fn, kwargs, cfg)}"
+                if (fn.__name__, cfg_label, arch) in seen:
+                    continue
+                seen.add((fn.__name__, cfg_label, arch))
+                mm = (fn.__name__ in matmul) if isinstance(matmul, (set, frozenset, tuple, list)) else bool(matmul)
+                rows.append(_compiled_row(op, fn, args, kwargs, cfg_label, arch, mm))
     return rows
+
+
+def _compiled_row(op, fn, args, kwargs, cfg_label, arch, matmul_bound) -> KernelResources:
+    row = KernelResources("triton", op, fn.__name__, cfg_label, arch, matmul_bound=matmul_bound)
+    try:
+        k = compile_launch(fn, args, kwargs, arch)
+        row.num_warps = k.metadata.num_warps
+        row.smem_dynamic = int(k.metadata.shared)
+        with tempfile.TemporaryDirectory() as d:
+            p = os.path.join(d, "k.cubin")
+            with open(p, "wb") as fh:
+                fh.write(k.asm["cubin"])
+            res = resource_usage(p)
+            sass = subprocess.run([_tool("cuobjdump"), "-sass", p], capture_output=True, text=True).stdout
+        r = next(iter(res.values()), {})
+        row.registers, row.stack, row.smem_static = r.get("reg"), r.get("stack"), r.get("shared")
+        for kk, vv in sass_stats(sass).items():
+            setattr(row, kk, vv)
+    except Exception as err:
+        row.error = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return row
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +342,7 @@ def verdict(r: KernelResources) -> str:
     if not r.smem_ok:
         issues.append("shared memory over limit")
     if r.spills:
-        issues.append("spills")
+        issues.append("spills" + (" in a loop" if r.spill_in_loop else " (outside loops)"))
     if r.matmul_bound and r.arch == 90 and r.tensor_core != "HGMMA":
         issues.append("no HGMMA on sm_90")
     if r.matmul_bound and r.arch == 80 and r.tensor_core != "HMMA":
@@ -327,7 +356,8 @@ def to_rows(rows: list[KernelResources]) -> list[list[str]]:
         lim = ARCH_LIMITS.get(r.arch, {}).get("smem_block")
         out.append([r.source, r.op, r.kernel, r.config, f"sm_{r.arch}" if r.source == "triton" else r.config,
                     str(r.registers if r.registers is not None else ""), str(r.stack if r.stack is not None else ""),
-                    f"{r.spill_ld}/{r.spill_st}" if r.spill_ld is not None else "",
+                    (f"{r.spill_ld}/{r.spill_st}" + (f" ({r.spill_in_loop} in loops)" if r.spills else ""))
+                    if r.spill_ld is not None else "",
                     f"{r.smem_total} / {lim}" if lim else "", r.tensor_core or "-",
                     str(r.occupancy() if r.occupancy() is not None else ""), verdict(r)])
     return out
