@@ -50,6 +50,7 @@ def _decode_case(data, backend):
     if paged:
         page = draw(st.sampled_from([1, 3, 16, 64] if long else [1, 2, 3, 5, 16]), label="page_block_size")
         max_blocks = draw(st.integers(1, (300 // page + 1) if long else max(1, 24 // page + 1)), label="max_blocks")
+        max_blocks = max(max_blocks, -(-sn // page))          # room for the appended tokens
         capacity = page * max_blocks
         extra_blocks = draw(st.integers(0, 3), label="unused_blocks")
         num_blocks = B * max_blocks + extra_blocks
