@@ -15,7 +15,7 @@ import posattn
 from posattn import reference as R
 from posattn.flash_attn_interface import normalize_window
 from fuzz_helpers import (lse_floor, DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
-                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, emulations, emulation_factor, poison_rows,
+                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, Emulations, emulation_factor, poison_rows,
                           poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
 
@@ -69,10 +69,8 @@ def _fa_case(data, backend):
     ro, rl = R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2), **ref_kw)
     ro = ro.transpose(1, 2)
     # second oracle: the kernel's roundings (fuzz_helpers.kernel_rounding)
-    emus = emulations(lambda **kr: R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2),
-                                               **ref_kw, **kr), backend, dtype, seed)
-    eo = [o.transpose(1, 2) for o, _ in emus]
-    el = [lse for _, lse in emus]
+    emu = Emulations(lambda **kr: R.attention(q64.transpose(1, 2), k64.transpose(1, 2), v64.transpose(1, 2),
+                                              **ref_kw, **kr), backend, dtype, seed, transform=lambda o: o.transpose(1, 2))
 
     k_in, v_in = k, v
     if poison is not None:
@@ -101,21 +99,21 @@ def _fa_case(data, backend):
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"
-        check_close(out, ro, dtype, name="out", cond=cond, emulated=eo,
+        check_close(out, ro, dtype, name="out", cond=cond, emulated=emu.output(0),
                     emulation_factor=emulation_factor(position))
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
-                    scale=lse_floor(rl), emulated=el,
+                    scale=lse_floor(rl), emulated=emu.output(1),
                     emulation_factor=emulation_factor(position))
         dout = values(out.shape, dtype, "unit", gen)
         got = grads(out, ours + leaves, dout)
     want = grads(ro, [q64, k64, v64] + leaves, dout.double())
-    emu = list(zip(*[grads(o, [q64, k64, v64] + leaves, dout.double()) for o in eo])) or [None] * len(want)
+    emu_g = emu.grads([q64, k64, v64] + leaves, dout.double(), len(want))
     if packing == "qkv":
         got = [got[0][:, :, 0], got[0][:, :, 1], got[0][:, :, 2]] + got[1:]
     elif packing == "kv":
         got = [got[0], got[1][:, :, 0], got[1][:, :, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
-    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu):
+    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu_g):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") else None
         check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond, emulated=we,
                     emulation_factor=emulation_factor(position))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import posattn
 from posattn import reference as R
 from fuzz_helpers import (DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
-                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, emulations, emulation_factor, poison_rows,
+                          check_close, grad_floor, grads, heads, hidden_keys, logit_cond, Emulations, emulation_factor, poison_rows,
                           poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
 
@@ -93,8 +93,8 @@ def _sdpa_case(data, backend):
     ref_kw = dict(scale=scale, causal=is_causal, offset=0, attn_mask=m64, position=position)
     ro, _ = R.attention(q64, k64.expand(B, -1, -1, -1), v64.expand(B, -1, -1, -1), **ref_kw)
     # second oracle: the kernel's roundings (fuzz_helpers.kernel_rounding)
-    eo = [o for o, _ in emulations(lambda **kr: R.attention(q64, k64.expand(B, -1, -1, -1), v64.expand(B, -1, -1, -1),
-                                                            **ref_kw, **kr), backend, dtype, seed)]
+    emu = Emulations(lambda **kr: R.attention(q64, k64.expand(B, -1, -1, -1), v64.expand(B, -1, -1, -1),
+                                              **ref_kw, **kr), backend, dtype, seed)
 
     # keys nobody sees may hold anything
     k_in, v_in = k, v
@@ -122,16 +122,16 @@ def _sdpa_case(data, backend):
         assert out.dtype == dtype
         assert out.requires_grad, "out is detached from the inputs' graph"
         out4 = out.reshape(B, H, Sq, Dv)
-        check_close(out4, ro, dtype, name="out", cond=cond, emulated=eo,
+        check_close(out4, ro, dtype, name="out", cond=cond, emulated=emu.output(0),
                     emulation_factor=emulation_factor(position))
         dout = values(out4.shape, dtype, "unit", gen)
         ours = [qa, ka, va] + leaves + ([ma] if mask_grad else [])
         theirs = [q64, k64, v64] + leaves + ([m64] if mask_grad else [])
         got = grads(out4, ours, dout)
     want = grads(ro, theirs, dout.double())
-    emu = list(zip(*[grads(o, theirs, dout.double()) for o in eo])) or [None] * len(want)
+    emu_g = emu.grads(theirs, dout.double(), len(want))
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))] + (["d_mask"] if mask_grad else [])
-    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu):
+    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu_g):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") or n == "d_mask" else None
         check_close(g.reshape(w.shape), w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond,
                     emulated=we,

@@ -16,7 +16,7 @@ import posattn
 from posattn import reference as R
 from posattn.flash_attn_interface import normalize_window
 from fuzz_helpers import (lse_floor, DTYPES, LAYOUTS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged, check_close,
-                          grad_floor, grads, heads, logit_cond, emulations, emulation_factor, poisoned_allocations, position_spec, snapshot,
+                          grad_floor, grads, heads, logit_cond, Emulations, emulation_factor, poisoned_allocations, position_spec, snapshot,
                           values, with_layout)
 from hypothesis_profiles import examples
 
@@ -90,10 +90,8 @@ def _varlen_case(data, backend):
                   alibi_slopes=alibi, position=position)
     ro, rl = R.varlen_attention(q64, k64, v64, cu_q, cu_k, **ref_kw)
     # second oracle: the kernel's roundings (fuzz_helpers.kernel_rounding)
-    emus = emulations(lambda **kr: R.varlen_attention(q64, k64, v64, cu_q, cu_k, **ref_kw, **kr), backend, dtype,
-                      seed)
-    eo = [o for o, _ in emus]
-    el = [lse for _, lse in emus]
+    emu = Emulations(lambda **kr: R.varlen_attention(q64, k64, v64, cu_q, cu_k, **ref_kw, **kr), backend, dtype,
+                     seed)
     qp, kp, vp = q.clone(), k.clone(), v.clone()   # rows past cu_seqlens[-1] belong to no sequence
     qp[sum(lens_q):], kp[sum(lens_k):], vp[sum(lens_k):] = pad_fill, -pad_fill, pad_fill
 
@@ -119,22 +117,22 @@ def _varlen_case(data, backend):
             ours = [qa, ka, va]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"
-        check_close(out, ro, dtype, name="out", cond=cond, emulated=eo,
+        check_close(out, ro, dtype, name="out", cond=cond, emulated=emu.output(0),
                     emulation_factor=emulation_factor(position))
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
-                    scale=lse_floor(rl), emulated=el,
+                    scale=lse_floor(rl), emulated=emu.output(1),
                     emulation_factor=emulation_factor(position))
         dout = values(out.shape, dtype, "unit", gen)
         got = grads(out, ours + leaves, dout)
     want = grads(ro, [q64, k64, v64] + leaves, dout.double())
-    emu = list(zip(*[grads(o, [q64, k64, v64] + leaves, dout.double()) for o in eo])) or [None] * len(want)
+    emu_g = emu.grads([q64, k64, v64] + leaves, dout.double(), len(want))
     if packing == "qkv":
         got = [got[0][:, 0], got[0][:, 1], got[0][:, 2]] + got[1:]
     elif packing == "kv":
         got = [got[0], got[1][:, 0], got[1][:, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
     terms = H * sum(a * b for a, b in zip(lens_q, lens_k))
-    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(lens_q + lens_k)), emu):
+    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(lens_q + lens_k)), emu_g):
         check_close(g, w, dtype, grad=True, name=n, scale=f, cond=cond,
                     terms=terms if n.startswith("d_leaf") else None, emulated=we,
                     emulation_factor=emulation_factor(position))
