@@ -6,8 +6,9 @@ float32/float64, input dtypes fp16/bf16/fp32/fp64, layouts (permuted, storage of
 regimes and bias ranges; forward and gradients of q, k, v, rpe_bias and the projection.
 
 What the op promises, and so what is checked: the FFT evaluates the formula exactly up to FFT round-off, which
-is relative to the largest term of the sequence (docstring, "Warns"). The tolerance is the table's for the input
-dtype plus twice the op's documented round-off model (err_ie ~ eps |u|_2 (sum_f phi(q)_if |phi(k)_f v_e|_2 +
+is relative to the largest term of the sequence (docstring, "Warns"). Keys no query sees (causal, past the last
+query) hold NaN/inf and must not change anything (their gradient is exactly 0). The tolerance is the table's for
+the input dtype plus twice the op's documented round-off model (err_ie ~ eps |u|_2 (sum_f phi(q)_if |phi(k)_f v_e|_2 +
 |out_ie| sum_f phi(q)_if |phi(k)_f|_2) / den_i, evaluated here in float64 from the reference's own features);
 gradients get the table's gradient tolerance widened by the same relative round-off. When the op warns
 (RuntimeWarning: denominators clamped or round-off above 1e-2 rms(v)) it only promises finite values: that is
@@ -143,7 +144,12 @@ def _kra_case(data, backend):
             lin = torch.randn(D, draw(st.integers(1, 6)), generator=gen, dtype=torch.float64) / 4
             kw["feature_map"] = lambda x: torch.exp(x.to(torch.float64) @ lin)
 
-    q, k, v = (with_layout(t, layout).requires_grad_(want_grad) for t in (q0, k0, v0))
+    # keys no query sees (causal, past the last query) hold NaN/inf: never read into a result or a gradient
+    kp, vp = k0.clone(), v0.clone()
+    if causal and S > N:
+        fill = draw(st.sampled_from([float("nan"), float("inf"), -float("inf")]), label="hidden_fill")
+        kp[:, :, N:], vp[:, :, N:] = fill, -fill
+    q, k, v = (with_layout(t, layout).requires_grad_(want_grad) for t in (q0, kp, vp))
     bias.requires_grad_(want_grad)
 
     # float64 reference on the same (rounded) values, same projection
@@ -169,6 +175,10 @@ def _kra_case(data, backend):
             got = grads(out, leaves, dout)
             for g in got:
                 assert torch.isfinite(g).all(), "non-finite gradient"
+            if causal and S > N:
+                for t, g in zip(leaves, got):
+                    if t is k or t is v:
+                        assert not g[:, :, N:].any(), "keys no query sees got a gradient"
     assert_unchanged(snap, q=q, k=k, v=v, bias=bias, W=W)
     if warned:
         event("op warned (round-off / clamped denominators): finiteness checked only")
@@ -214,7 +224,14 @@ def _kra_case(data, backend):
     phi_d = _phi_dt(fmap, Wd if Wd is not None else None, scale_eff, lin, cdt)
     o_d = _direct(xq_, xk_, lv[2], lv[3], phi_d, causal, cdt)
     ins_d = {"dq": lv[0], "dk": lv[1], "dv": lv[2], "d_leaf_bias": lv[3], "d_leaf_proj": Wd}
-    torch_g = grads(o_d, [ins_d[n] for n in names], dout.to(cdt))
+    torch_g = torch.autograd.grad(o_d, [ins_d[n] for n in names], dout.to(cdt), allow_unused=True,
+                                  retain_graph=True)
+    # ... and through reference.kernelized_rpe_fft in the same precision (plain torch.fft, Algorithm 1 unchunked):
+    # FFT round-off is relative to the largest term of the sequence, which the direct sum does not have
+    o_f = R.kernelized_rpe_fft(xq_, xk_, lv[2], lv[3], phi_d, causal, dtype=cdt)
+    fft_g = torch.autograd.grad(o_f, [ins_d[n] for n in names], dout.to(cdt), allow_unused=True)
+    torch_g = [[torch.zeros_like(ins_d[n]) if x is None else x for x in (a, b_)]
+               for n, a, b_ in zip(names, torch_g, fft_g)]
     # size of the terms that cancel: out = num / den, so d out = d num / den - out d den / den; the two parts'
     # gradients (float64, |.| elementwise) bound what any evaluation order can leave of round-off
     lt = [t.detach().clone().requires_grad_(True) for t in (q64, k64, v64, b64)]
@@ -248,7 +265,7 @@ def _kra_case(data, backend):
         # to fp32), and computed from the input dtype's q, k, v: the coarser of the two rules
         gdt = coarser(tol_dtype, {"d_leaf_bias": bias.dtype, "d_leaf_proj": W.dtype if W is not None else dtype}
                       .get(n, dtype))
-        theirs = (tg.detach().double() - w).abs()
+        theirs = torch.maximum((tg[0].detach().double() - w).abs(), (tg[1].detach().double() - w).abs())
         if not torch.isfinite(theirs).all():
             event("second oracle overflowed: gradient finiteness checked only")
             continue
@@ -261,7 +278,7 @@ def _kra_case(data, backend):
         bound = atol * m + rtol * cond * (e.abs() + terms) + 8 * theirs.max().item()
         bad = (a - e).abs() > bound
         assert not bad.any(), (f"{n}: {int(bad.sum())} of {e.numel()} elements off; worst {(a - e).abs().max().item():.3e}"
-                               f", direct {str(cdt)[6:]} autograd's worst {theirs.max().item():.3e} ({dtype})")
+                               f", {str(cdt)[6:]} direct / torch.fft autograd's worst {theirs.max().item():.3e} ({dtype})")
         err = (a - e).norm().item()
         assert err <= l2 * cond * max(e.norm().item() + terms.norm().item(), f) + 8 * theirs.norm().item() \
             or err == 0.0, \

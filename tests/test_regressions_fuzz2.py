@@ -175,3 +175,28 @@ def test_ecoformer_layer_output_of_real_tokens_ignores_padding_content():
         x2[0, 10:] = float("nan")
         y2 = layer(x2, key_padding_mask=mask)
     assert torch.equal(y1[0, :10], y2[0, :10])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kernelized_rpe_causal_keys_past_last_query_are_never_read(backend):
+    """Found by the deep profile (PRF, causal, seqlen_q 5 < seqlen_k 16, bias std 3): keys j >= seqlen_q, which no
+    query sees, got a gradient of FFT round-off (2e-4), and NaN there made the PRF key shift and the FFT NaN. The op
+    (ops/kernelized_rpe.py) now drops them: output as the reference, their gradients exactly 0, NaN/inf ignored."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 5, 3, generator=g)
+    k0 = torch.randn(1, 2, 16, 3, generator=g)
+    v0 = torch.randn(1, 2, 16, 2, generator=g)
+    b = (3.0 * torch.randn(2, 20, generator=g)).requires_grad_(True)
+    W = torch.randn(4, 3, generator=g)
+    k, v = k0.clone(), v0.clone()
+    k[:, :, 5:], v[:, :, 5:] = float("nan"), float("inf")
+    k.requires_grad_(True)
+    v.requires_grad_(True)
+    out = posattn.kernelized_rpe_attention(q, k, v, b, projection=W, causal=True, fft_dtype=torch.float64,
+                                           backend=backend)
+    ref = R.kernelized_rpe_direct(q.double(), k0.double(), v0.double(), b.detach().double(),
+                                  lambda x: R.prf_features(x, W.double(), 3 ** -0.5), True)
+    assert torch.isfinite(out).all() and torch.allclose(out.double(), ref, atol=1e-5)
+    gk, gv, gb = torch.autograd.grad(out, [k, v, b], torch.randn(out.shape, generator=g))
+    assert torch.isfinite(gk).all() and torch.isfinite(gv).all() and torch.isfinite(gb).all()
+    assert not gk[:, :, 5:].any() and not gv[:, :, 5:].any() and not gb[:, 9:].any()

@@ -589,6 +589,13 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             raise ValueError(f"softmax_scale: expected > 0, got {scale}")
         x_scale = math.sqrt(scale)
 
+    if causal and s > n:
+        # top-left causal: keys j >= seqlen_q are visible to no query. They are never read (NaN/inf there made
+        # the PRF key shift and the FFT NaN, and FFT round-off gave them a nonzero gradient; found by
+        # tests/test_fuzz_kernelized_rpe.py): the op runs on the first seqlen_q keys, and their rpe_bias
+        # entries r = j - i + seqlen_q - 1 <= 2 seqlen_q - 2. Gradients of the rest are exactly 0.
+        k, v, rpe_bias, s = k[:, :, :n], v[:, :, :n], rpe_bias[:, :2 * n - 1], n
+
     # ---- inputs of the core: normalised q/k, or the callable's features (ordinary autograd on both)
     xq, xk = q, k
     if normalize_qk:
