@@ -257,6 +257,22 @@ def _opaque(x, FAST_TRIG: tl.constexpr):
 
 
 @triton.jit
+def _program_again(BLOCK: tl.constexpr, heads, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, offset, bottom_right,
+                   IS_VARLEN: tl.constexpr, FAST_TRIG: tl.constexpr):
+    """(block start, batch * heads + head, batch, head, q_start, k_start, seqlen_q, seqlen_k, off) of this
+    program of a (blocks, batch * heads) grid, recomputed after a loop from the program ids through an opaque
+    move (``_opaque``): nothing indexed by them (rows, positions, masks, base pointers) then stays live
+    across the loop in registers (the backward kernels' epilogues spilled 2-8 such values at head_dim 256)."""
+    start = _opaque(tl.program_id(0).to(tl.int64), FAST_TRIG) * BLOCK
+    off_bh = _opaque(tl.program_id(1).to(tl.int64), FAST_TRIG)
+    off_b = off_bh // heads
+    off_h = off_bh % heads
+    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
+                                                         offset, bottom_right, IS_VARLEN)
+    return start, off_bh, off_b, off_h, q_start, k_start, sq, sk, off
+
+
+@triton.jit
 def _rotated(xa, xb, c, s, dtype: tl.constexpr):
     """Half tiles rotated in fp32 by (c, s) and cast back to the operand dtype for the dots."""
     ya, yb = rotate(xa.to(tl.float32), xb.to(tl.float32), c, s)
@@ -713,14 +729,9 @@ def _fused_attention_bwd_dkdv_kernel(
         dka = ga
         dkb = gb
 
-    # the program's indices again, through an opaque move: nothing indexed by them (rows, positions,
-    # masks, base pointers) stays live across the loop (registers)
-    start_n = _opaque(tl.program_id(0).to(tl.int64), FAST_TRIG) * BLOCK_N
-    off_bh = _opaque(tl.program_id(1).to(tl.int64), FAST_TRIG)
-    off_b = off_bh // num_heads_k
-    off_hk = off_bh % num_heads_k
-    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
-                                                         offset, bottom_right, IS_VARLEN)
+    start_n, off_bh, off_b, off_hk, q_start, k_start, sq, sk, off = _program_again(
+        BLOCK_N, num_heads_k, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, offset, bottom_right, IS_VARLEN,
+        FAST_TRIG)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < sk
     POS_IDS_B = POS_IDS + off_b * stride_pb
@@ -910,15 +921,10 @@ def _fused_attention_bwd_dq_kernel(
         if ROTARY_MODE != 0:
             dqb = _dot_acc(dsd, kb, dqb, DOT_PRECISION)
 
-    # the program's indices again, through an opaque move: nothing indexed by them (rows, positions,
-    # masks, base pointers) stays live across the loop (registers)
-    pid_m = _opaque(tl.program_id(0).to(tl.int64), FAST_TRIG)
-    start_m = pid_m * BLOCK_M
-    off_bh = _opaque(tl.program_id(1).to(tl.int64), FAST_TRIG)
-    off_b = off_bh // num_heads
-    off_h = off_bh % num_heads
-    q_start, k_start, sq, sk, off = _fused_attention_seq(CU_SEQLENS_Q, CU_SEQLENS_K, off_b, seqlen_q, seqlen_k,
-                                                         offset, bottom_right, IS_VARLEN)
+    start_m, off_bh, off_b, off_h, q_start, k_start, sq, sk, off = _program_again(
+        BLOCK_M, num_heads, CU_SEQLENS_Q, CU_SEQLENS_K, seqlen_q, seqlen_k, offset, bottom_right, IS_VARLEN,
+        FAST_TRIG)
+    pid_m = start_m // BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_ok = offs_m < sq
     rows_q = q_start + offs_m
