@@ -370,40 +370,49 @@ def _rotary_positions(position, batch, seqlen_q, seqlen_k, offset, device):
     return positions(batch, seqlen_q, seqlen_k, offset, ids, device=device)
 
 
-def _round_st(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded to ``dtype`` (kept in x's dtype), straight-through for autograd."""
-    return x + (x.detach().to(dtype).to(x.dtype) - x.detach())
+def _rounded(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator | None) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` (kept in x's dtype): to nearest, or with ``gen`` a random relative error
+    uniform in +-(unit roundoff), another rounding a kernel may make."""
+    if gen is None:
+        return x.to(dtype).to(x.dtype)
+    r = torch.rand(x.shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype) * 2 - 1
+    return x * (1 + r * (torch.finfo(dtype).eps / 2))
+
+
+def _round_st(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator | None = None) -> torch.Tensor:
+    """``_rounded`` straight-through for autograd."""
+    return x + (_rounded(x.detach(), dtype, gen) - x.detach())
 
 
 class _RoundGrad(torch.autograd.Function):
-    """Identity forward; the incoming gradient rounded to ``dtype`` in backward."""
+    """Identity forward; the incoming gradient rounded (``_rounded``) in backward."""
 
     @staticmethod
-    def forward(ctx, x, dtype):
-        ctx.dtype = dtype
+    def forward(ctx, x, dtype, gen):
+        ctx.dtype, ctx.gen = dtype, gen
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g.to(ctx.dtype).to(g.dtype), None
+        return _rounded(g, ctx.dtype, ctx.gen), None, None
 
 
 class _RoundedOutDelta(torch.autograd.Function):
-    """``out`` rounded to ``dtype``; in backward, besides ``dout`` to ``out``, ``-dout . (round(out) - out_exact)``
+    """``out`` rounded (``_rounded``); in backward, besides ``dout`` to ``out``, ``-dout . (round(out) - out_exact)``
     to ``lse``: a flash backward takes ``delta = rowsum(dO * O)`` from the output it returned (computed from
     rounded probabilities, then rounded), i.e. ``dS = P * (dP - delta_exact - dO . (O - O_exact))``, and
     ``d lse / d S = P``."""
 
     @staticmethod
-    def forward(ctx, out, lse, out_exact, dtype):
-        rounded = out.to(dtype).to(out.dtype)
+    def forward(ctx, out, lse, out_exact, dtype, gen):
+        rounded = _rounded(out, dtype, gen)
         ctx.save_for_backward(rounded - out_exact)
         return rounded
 
     @staticmethod
     def backward(ctx, dout):
         (err,) = ctx.saved_tensors
-        return dout, -(dout * err).sum(-1), None, None
+        return dout, -(dout * err).sum(-1), None, None, None
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, causal: bool = False,
@@ -457,10 +466,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
         error by a multiple of the emulation's where the dtype's table is too tight (softcap
         derivatives and cancelling gradients amplify the roundings).
     rounding_generator : torch.Generator or None
-        With ``kernel_rounding``: the rotated q and k get random relative errors of up to the
-        dtype's unit roundoff (uniform, from this generator) instead of round-to-nearest, another
-        rounding a kernel may equally make (its xPos centre or rotation order differ from this
-        function's). Tests take the worst of a few to gauge the spread of the rounding error.
+        With ``kernel_rounding``: every rounding above is a random relative error of up to the
+        dtype's unit roundoff (uniform, from this generator) instead of round-to-nearest: another
+        rounding a kernel may equally make (its xPos centre, its unnormalised probabilities, its
+        rotation order differ from this function's). The error of a gradient through ``delta`` is
+        one projection ``dO . (O - O_exact)`` per row, so one realisation can be far below another;
+        tests take the worst of several to gauge the spread.
 
     Returns
     -------
@@ -557,17 +568,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
             q64 = apply_rotary(q64, cq * af, sq_ * af, rot.interleaved)
             k64 = apply_rotary(k64, ck * af, sk_ * af, rot.interleaved)
 
-    if kernel_rounding is not None and rounding_generator is not None:
-        u = torch.finfo(kernel_rounding).eps / 2
-        for_q = torch.rand(q64.shape, generator=rounding_generator, dtype=f64).to(dev) * 2 - 1
-        for_k = torch.rand(k64.shape, generator=rounding_generator, dtype=f64).to(dev) * 2 - 1
-        q64 = q64 + (q64.detach() * u * for_q)
-        k64 = k64 + (k64.detach() * u * for_k)
-    elif kernel_rounding is not None:
-        q64, k64 = _round_st(q64, kernel_rounding), _round_st(k64, kernel_rounding)
+    if kernel_rounding is not None and rot is not None:  # unrotated q / k reach the dots as given
+        q64 = _round_st(q64, kernel_rounding, rounding_generator)
+        k64 = _round_st(k64, kernel_rounding, rounding_generator)
     qk = torch.matmul(q64, k64.transpose(-1, -2))
     if kernel_rounding is not None:
-        qk = _RoundGrad.apply(qk, kernel_rounding)
+        qk = _RoundGrad.apply(qk, kernel_rounding, rounding_generator)
     s = qk * scale  # (B, H, Sq, Sk)
     if softcap > 0:
         s = softcap * torch.tanh(s / softcap)
@@ -624,8 +630,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     # the kernels round p (after URPE / dropout) for the p v and p^T dO dots; their backward's delta is
     # rowsum(dO * out) of the output they returned, so it carries the rounding of p and of out
     out_exact = torch.matmul(p.detach(), v64.detach())
-    out = torch.matmul(_round_st(p, kernel_rounding), v64)
-    return _RoundedOutDelta.apply(out, lse, out_exact, kernel_rounding), lse
+    out = torch.matmul(_round_st(p, kernel_rounding, rounding_generator), v64)
+    return _RoundedOutDelta.apply(out, lse, out_exact, kernel_rounding, rounding_generator), lse
 
 
 def _additive_bias(spec, B, H, iq, ik, dev, dtype):
