@@ -200,3 +200,16 @@ def test_kernelized_rpe_causal_keys_past_last_query_are_never_read(backend):
     gk, gv, gb = torch.autograd.grad(out, [k, v, b], torch.randn(out.shape, generator=g))
     assert torch.isfinite(gk).all() and torch.isfinite(gv).all() and torch.isfinite(gb).all()
     assert not gk[:, :, 5:].any() and not gv[:, :, 5:].any() and not gb[:, 9:].any()
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("causal", [True, False])
+def test_ecoformer_triton_no_key_with_queries(causal):
+    """Found by the deep profile (a segmentation fault of the whole run): causal, seqlen_q 2, seqlen_k 0, Triton. The
+    launcher's exclusive prefix of key-block states was empty (no block), so the kernel loaded state -1 (out of
+    bounds). triton_kernels/ecoformer.py now always has the leading zero state. Every query sees no key: output 0."""
+    q = _pm1(1, 3, 2, 32)
+    k = _pm1(1, 3, 0, 32)
+    v = torch.randn(1, 3, 0, 8, dtype=torch.float16)
+    out = posattn.ecoformer_attention(q, k, v, causal=causal, backend="triton")
+    assert torch.equal(out, torch.zeros(1, 3, 2, 8, dtype=torch.float16))

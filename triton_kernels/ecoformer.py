@@ -303,7 +303,10 @@ def ecoformer_linear_fwd(q_words: torch.Tensor, k_words: torch.Tensor, v: torch.
     parts = (s_part, z_part, sv_part, n_part)
     if causal:
         # Exclusive prefix over key blocks: entry m holds blocks 0..m-1 (entry nb = all of them).
-        states = [torch.cat([torch.zeros_like(p[:, :1]), p.cumsum(1)], 1).contiguous() for p in parts]
+        # (an explicit leading zero state: with seqlen_k == 0 there are no blocks and p[:, :1] is empty, which left
+        # no state at all and the kernel read at index -1: a segfault under the interpreter; tests/test_fuzz_ecoformer.py)
+        states = [torch.cat([p.new_zeros((p.shape[0], 1) + tuple(p.shape[2:])), p.cumsum(1)], 1).contiguous()
+                  for p in parts]
     else:
         states = [p.sum(1, keepdim=True).contiguous() for p in parts]
     grid = (triton.cdiv(seqlen_q, block), batch * heads, nd)
