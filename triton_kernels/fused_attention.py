@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .positional import (additive_bias, rotary_cos_sin, rotary_dphase, rotary_pair_cols, rotate, toeplitz_accumulate,
-                         urpe_coef)
+from .positional import (additive_bias, rotary_cos_sin, rotary_dphase_unrotated, rotary_pair_cols, rotate,
+                         toeplitz_accumulate, urpe_coef)
 
 __all__ = ["fused_attention_fwd", "fused_attention_bwd", "dropout_keep_mask", "FWD_CONFIGS", "BWD_CONFIGS",
            "config_for"]
@@ -106,8 +106,8 @@ BWD_CONFIGS = {
     256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, **_W8,
               **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2)),
     # learned phases at 256: dk in two halves as well (split_dk); sm_80 in 16-row programs at 4 warps. Open:
-    # on sm_90 the dk (second half) and dq epilogues (phase gradient: phases, cos, sin, k, dk tiles live at
-    # once) spill 29 / 37 LDL after their loops, none inside them (docs/KERNEL_RESOURCES.md)
+    # on sm_90 the dk (second half) and dq kernels spill 11 / 38 LDL outside their loops (values kept from
+    # the prologue to the phase-gradient epilogue), none inside them (docs/KERNEL_RESOURCES.md)
     (256, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, split_dk=True, **_W8,
                           **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2),
                           sm80=dict(BLOCK_N=16, num_warps=4, dq_BLOCK_M=16, dq_num_warps=4)),
@@ -750,20 +750,22 @@ def _fused_attention_bwd_dkdv_kernel(
             xpos_center = tl.min(tl.where(n_ok, pos_k, _UNBOUNDED), 0)
         ck, sk_ = rotary_cos_sin(pos_k, offs_n, n_ok, INV_FREQ, PHASES_BK, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, True, ROTARY_MODE, HEAD_DIM // 2, FAST_TRIG)
+        dka, dkb = rotate(dka, dkb, ck, -sk_)
         if ROTARY_MODE == 3:
+            # after the rotation back, with cos / sin dead (registers: at head_dim 256 the phase, cos, sin,
+            # k and gradient tiles live at once spilled)
             n_live = n_ok
             if HAS_WINDOW:
                 n_live = _band_cols(offs_n, n_ok, sq * 0, sq - 1, off, window_left, window_right)
             K_rows = K + off_b * stride_kb + off_hk * stride_kh + (k_start + offs_n) * stride_kn
             xa, xb = _load_tiles(K_rows, n_live, col_a, col_b, head_dim, ROTARY_MODE)
-            dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dka, dkb, ck, sk_)
+            dph = rotary_dphase_unrotated(xa.to(tl.float32), xb.to(tl.float32), dka, dkb)
             if MASK_MODE != 0:
                 # linear in (dka, dkb): exactly 0 where both are 0 (a key no query sees, possibly NaN)
                 dph = tl.where((dka == 0.0) & (dkb == 0.0), 0.0, dph)
             pair = tl.arange(0, HEAD_DIM // 2)
             tl.store(DPHASES_K + off_b * stride_phb + off_hk * stride_phh + offs_n[:, None] * stride_pht
                      + pair[None, :], dph, mask=n_ok[:, None] & (pair < rotary_half)[None, :])
-        dka, dkb = rotate(dka, dkb, ck, -sk_)
     if DKDV_PART != 1 and DKDV_PART != 3:
         _store_tiles(DK + off_b * stride_dkb + off_hk * stride_dkh + (k_start + offs_n) * stride_dkn, n_ok, col_a,
                      col_b, head_dim, dka, dkb, ROTARY_MODE)
@@ -938,14 +940,15 @@ def _fused_attention_bwd_dq_kernel(
         cq, sq_ = rotary_cos_sin(pos_q, tok_q, m_ok, INV_FREQ, PHASES_BH, stride_pht, rotary_half, rotary_scale,
                                  head_dim, xpos_center, xpos_scale_base, False, ROTARY_MODE, HEAD_DIM // 2,
                                  FAST_TRIG)
+        dqa, dqb = rotate(dqa, dqb, cq, -sq_)
         if ROTARY_MODE == 3:
+            # after the rotation back, with cos / sin dead (registers)
             Q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows_q * stride_qm
             xa, xb = _load_tiles(Q_rows, m_ok, col_a, col_b, head_dim, ROTARY_MODE)
-            dph = rotary_dphase(xa.to(tl.float32), xb.to(tl.float32), dqa, dqb, cq, sq_)
+            dph = rotary_dphase_unrotated(xa.to(tl.float32), xb.to(tl.float32), dqa, dqb)
             pair = tl.arange(0, HEAD_DIM // 2)
             tl.store(DPHASES_Q + off_b * stride_phb + off_h * stride_phh + tok_q[:, None] * stride_pht
                      + pair[None, :], dph, mask=m_ok[:, None] & (pair < rotary_half)[None, :])
-        dqa, dqb = rotate(dqa, dqb, cq, -sq_)
     _store_tiles(DQ + off_b * stride_dqb + off_h * stride_dqh + rows_q * stride_dqm, m_ok, col_a, col_b, head_dim,
                  dqa, dqb, ROTARY_MODE)
     part_row = pid_m * tl.num_programs(1) + off_bh

@@ -154,6 +154,13 @@ def rotary_dphase(xa, xb, ga, gb, c, s):
 
 
 @triton.jit
+def rotary_dphase_unrotated(xa, xb, da, db):
+    """``rotary_dphase`` from the gradient w.r.t. the unrotated x, ``(da, db) = rotate(ga, gb, c, -s)``:
+    ``g_b y_a - g_a y_b = x_a d_b - x_b d_a`` (the same sum; cos / sin no longer needed)."""
+    return xa * db - xb * da
+
+
+@triton.jit
 def relative_index(rel, max_distance):
     """Column of a Toeplitz table (RelativeBias / URPE / the T5 lookup): ``clamp(rel, -D, D) + D``."""
     return tl.minimum(tl.maximum(rel, -max_distance), max_distance) + max_distance
