@@ -130,7 +130,7 @@ def _eco_module_case(data, backend):
         y = layer(x, key_padding_mask=mask)
         qk = F.linear(x, layer.qk_proj.weight, layer.qk_proj.bias).view(B, L, heads, head_dim).transpose(1, 2)
         v = F.linear(x, layer.v_proj.weight, layer.v_proj.bias).view(B, L, heads, head_dim).transpose(1, 2)
-        codes = layer.hash(qk).to(v.dtype)
+        codes = layer.hash(qk, key_padding_mask=mask).to(v.dtype)
         o = posattn.ecoformer_attention(codes, codes, v, causal=causal, key_padding_mask=mask, form=form,
                                         backend=backend)
         yf = F.linear(o.transpose(1, 2).reshape(B, L, E), layer.out_proj.weight, layer.out_proj.bias)

@@ -155,14 +155,11 @@ def test_ecoformer_triton_backward_with_no_key_but_queries():
     assert torch.equal(gq, torch.zeros_like(q)) and gk.shape == k.shape and gv.shape == v.shape
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (reported, not fixed here): KernelizedHash's bandwidth sigma is the "
-                   "mean over every token, padding included, and EcoFormerAttention passes no mask to the hash, so the "
-                   "content of padded tokens changes the codes, hence the outputs, of real tokens (NaN padding makes "
-                   "every code -1). Fixing it changes the layer's documented composition (tests/test_ecoformer.py::"
-                   "test_module_forward_backward_and_retrain), so it is left to the module's owner.")
 def test_ecoformer_layer_output_of_real_tokens_ignores_padding_content():
     """Found while fuzzing the modules: 20 random paddings changed the unpadded rows by up to 6e-3, NaN padding by
-    8e-3 (embed 8, 2 heads, 16 bits, 4 anchors, 10 real tokens of 40)."""
+    8e-3 (embed 8, 2 heads, 16 bits, 4 anchors, 10 real tokens of 40): KernelizedHash's bandwidth sigma averaged
+    over padding too. Fixed: the layer passes key_padding_mask to the hash, sigma (and fit's feature mean) use
+    kept tokens only, by select so that NaN padding stays out."""
     torch.manual_seed(0)
     layer = posattn.nn.EcoFormerAttention(8, 2, num_bits=16, num_anchors=4, topk=2)
     layer.hash.fitted.fill_(True)

@@ -43,7 +43,7 @@ class KernelizedHash(nn.Module):
     Per head: ``num_anchors`` anchors ``a_j`` (unit vectors), RBF features
     ``kappa_j(x) = exp(-||x_hat - a_j||^2 / (2 sigma))`` of the L2-normalised token ``x_hat = x/||x||``
     with the bandwidth rule of the authors' code: ``sigma`` = mean of all squared token-anchor
-    distances, recomputed per (batch, head) at every call; a stored feature mean ``mu``; a projection
+    distances, recomputed per (batch, head) at every call, over the tokens ``key_padding_mask`` keeps; a stored feature mean ``mu``; a projection
     ``A`` (num_bits x num_anchors). The projection is learned by :meth:`fit` (KSH), not by backprop.
 
     Parameters
@@ -97,14 +97,24 @@ class KernelizedHash(nn.Module):
         check_tensor(arg, x, dtypes=_FLOATS, ndim=4)
         Dims(heads=self.heads, head_dim=self.head_dim).check(arg, x, ("batch_size", "heads", "seqlen", "head_dim"))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def _keep(self, x: torch.Tensor, key_padding_mask):
+        if key_padding_mask is None:
+            return None
+        check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=x.device)
+        Dims(batch_size=x.shape[0], seqlen=x.shape[2]).check("key_padding_mask", key_padding_mask,
+                                                              ("batch_size", "seqlen"))
+        return ~key_padding_mask
+
+    def features(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Centred RBF features ``kappa(x) - mu``: x (batch, heads, seqlen, head_dim) -> (batch, heads,
-        seqlen, num_anchors), computed in fp32 (fp64 for fp64 x). Differentiable in x."""
+        seqlen, num_anchors), computed in fp32 (fp64 for fp64 x). Differentiable in x.
+        ``key_padding_mask`` (batch, seqlen) bool, True = padding: those tokens do not enter sigma (their
+        features are computed but meaningless; NaN / inf there changes no other token's)."""
         self._check_x(x)
-        return self._features(x, self.anchors, self.feature_mean)
+        return self._features(x, self.anchors, self.feature_mean, self._keep(x, key_padding_mask))
 
     @staticmethod
-    def _features(x, anchors, mean):
+    def _features(x, anchors, mean, keep=None):
         cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         xh = x.to(cdt)
         xh = xh / xh.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -112,20 +122,29 @@ class KernelizedHash(nn.Module):
         # ||x_hat - a||^2 by expansion: never a (seqlen, anchors, head_dim) tensor.
         d2 = ((xh * xh).sum(-1, keepdim=True) + (a * a).sum(-1)[None, :, None, :]
               - 2 * torch.einsum("bhnd,hmd->bhnm", xh, a)).clamp_min(0)
-        sigma = d2.mean(dim=(-2, -1), keepdim=True).clamp_min(1e-12)    # per (batch, head)
+        if keep is None:
+            sigma = d2.mean(dim=(-2, -1), keepdim=True)                 # per (batch, head)
+        else:  # kept tokens only; a select, not a product, so NaN in padding stays out
+            k = keep[:, None, :, None]
+            count = (k.sum(dim=(-2, -1), keepdim=True) * d2.shape[-1]).clamp_min(1)
+            sigma = torch.where(k, d2, torch.zeros_like(d2)).sum(dim=(-2, -1), keepdim=True) / count
+        sigma = sigma.clamp_min(1e-12)
         return torch.exp(-d2 / (2 * sigma)) - mean.to(cdt)[None, :, None, :]
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-sign projections ``A (kappa(x) - mu)``: (batch, heads, seqlen, num_bits), fp32/fp64."""
-        f = self.features(x)
+    def project(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-sign projections ``A (kappa(x) - mu)``: (batch, heads, seqlen, num_bits), fp32/fp64
+        (``key_padding_mask``: see :meth:`features`)."""
+        f = self.features(x, key_padding_mask)
         return torch.einsum("bhnm,hkm->bhnk", f, self.projection.to(f.dtype))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Codes of x.
 
         Parameters
         ----------
         x : Tensor (batch, heads, seqlen, head_dim), fp16/bf16/fp32/fp64.
+        key_padding_mask : bool Tensor (batch, seqlen) or None, True = padding: excluded from the
+            bandwidth sigma, so the codes of real tokens do not depend on what padding holds.
 
         Returns
         -------
@@ -137,7 +156,7 @@ class KernelizedHash(nn.Module):
         ------
         TypeError / ValueError: x not a float tensor of that shape.
         """
-        return _SignSTE.apply(self.project(x)).to(x.dtype)
+        return _SignSTE.apply(self.project(x, key_padding_mask)).to(x.dtype)
 
     def pack(self, codes: torch.Tensor, *, word_dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """Bit-pack codes: (..., num_bits) in {-1, +1} -> (..., ceil(num_bits / 64)) int64 (or int32 words,
@@ -248,9 +267,9 @@ class KernelizedHash(nn.Module):
             tok = xh[0, h, idx]                                               # (n, head_dim)
             pick = torch.randperm(n, generator=generator, device=gen_dev).to(x.device)[:self.num_anchors]
             anchors[h] = tok[pick]
-            feats = self._features(xf[:, h:h + 1], anchors[h:h + 1], torch.zeros_like(mean[h:h + 1]))
-            w = keep.to(feats.dtype)[:, None, :, None]
-            mean[h] = (feats * w).sum(dim=(0, 1, 2)) / w.sum()
+            feats = self._features(xf[:, h:h + 1], anchors[h:h + 1], torch.zeros_like(mean[h:h + 1]), keep)
+            w = keep[:, None, :, None]
+            mean[h] = torch.where(w, feats, torch.zeros_like(feats)).sum(dim=(0, 1, 2)) / w.sum()
             kbar = (self._features(xf[:1, h:h + 1, idx], anchors[h:h + 1], mean[h:h + 1]))[0, 0]   # (n, m)
             sim = tok @ tok.T if attn_similarity is None else attn_similarity[h][idx][:, idx].to(torch.float32)
             residual = b * self.targets(sim, topk)
@@ -364,7 +383,7 @@ class EcoFormerAttention(nn.Module):
         if self._retrain_pending or not bool(self.hash.fitted):
             self.hash.fit(qk.detach(), topk=min(self.topk, max(1, N // 2)), key_padding_mask=key_padding_mask)
             self._retrain_pending = False
-        codes = self.hash(qk).to(v.dtype)
+        codes = self.hash(qk, key_padding_mask=key_padding_mask).to(v.dtype)
         out = ecoformer_attention(codes, codes, v, causal=self.causal, key_padding_mask=key_padding_mask,
                                   form=self.form, backend=self.backend)
         return self.out_proj(out.transpose(1, 2).reshape(B, N, self.embed_dim))
