@@ -392,3 +392,23 @@ def test_low_precision_triton_gradients_within_kernel_rounding(case):
             check_close(gg, w, dt, grad=True, name=f"{case} seed {seed} {n}", scale=f, terms=terms,
                         cond=cond, emulated=list(we),
                     emulation_factor=emulation_factor(position))
+
+
+# Open (deep profile 2026-11-30, flash_attn_func on the torch backend, after 4,000 passing examples): fp32,
+# batch 1, heads (1, 1), packing 'qkv', seqlen 31, head_dim 40, 'large' values, softcap 0.5, softmax_scale 1.0,
+# alibi_slopes (1,), position [XPos(theta=100.0, scale_base=32.0)]: dq relative L2 error 3.8e-5 > 2e-5 (the
+# table). The previous recompute-per-chunk backward gives the same 3.8e-5, so it is not the new flash-style
+# backward; not yet analysed (candidates: fp32 logits of ~|80| before the cap, whose absolute rounding the
+# softcap derivative turns into a relative error of dS; logit_cond caps its bound by softcap). Pinned with
+# hypothesis' reproduction blob: when it passes, DidNotReproduce (not an AssertionError) fails this xfail.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open: fp32 torch-backend dq 1.9x over the table "
+                   "with softcap 0.5 on large pre-cap logits (see comment)")
+def test_fp32_torch_softcap_large_logits_dq_within_table():
+    from hypothesis import given, reproduce_failure, strategies as st
+    import test_fuzz_flash_attn as F
+
+    @reproduce_failure("6.155.2", b"AXicc2R0ZHBkdASRzEDM6sjiyMTgCIJMUAiUAgKQEAB9mwUv")
+    @given(data=st.data())
+    def case(data):
+        F._fa_case(data, "torch")
+    case()
