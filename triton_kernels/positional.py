@@ -144,19 +144,11 @@ def rotate(xa, xb, c, s):
 
 
 @triton.jit
-def rotary_dphase(xa, xb, ga, gb, c, s):
-    """d loss / d angle ``[BLOCK, HALF]`` of (ya, yb) = rotate(xa, xb, c, s) given (ga, gb) = d loss / d y.
-
-    dy_a/dtheta = -y_b and dy_b/dtheta = y_a, so dtheta = -g_a y_b + g_b y_a (valid when c, s are
-    cos, sin of theta: learned phases carry no extra factor).
-    """
-    return gb * (xa * c - xb * s) - ga * (xa * s + xb * c)
-
-
-@triton.jit
 def rotary_dphase_unrotated(xa, xb, da, db):
-    """``rotary_dphase`` from the gradient w.r.t. the unrotated x, ``(da, db) = rotate(ga, gb, c, -s)``:
-    ``g_b y_a - g_a y_b = x_a d_b - x_b d_a`` (the same sum; cos / sin no longer needed)."""
+    """d loss / d angle ``[BLOCK, HALF]`` of (ya, yb) = rotate(xa, xb, c, s) (c, s = cos, sin of the angle,
+    no extra factor: learned phases), from the gradient w.r.t. the unrotated x, ``(da, db) = rotate(ga, gb, c,
+    -s)`` with (ga, gb) = d loss / d y: dy_a/dtheta = -y_b, dy_b/dtheta = y_a, so dtheta = g_b y_a - g_a y_b
+    = x_a d_b - x_b d_a (cos / sin not needed)."""
     return xa * db - xb * da
 
 
