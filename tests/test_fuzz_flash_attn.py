@@ -59,6 +59,7 @@ def _fa_case(data, backend):
     v = values((B, Sk, Hk, Dv), dtype, "unit" if kind == "tiny" else kind, gen)
     left, right = normalize_window((wl, wr), causal, Sk)
     cond = logit_cond(q, k, scale, softcap=softcap)
+    gcond = logit_cond(q, k, scale, softcap=softcap, grad=True)
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
     ref_pos = position
     if alibi is not None:
@@ -115,7 +116,7 @@ def _fa_case(data, backend):
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
     for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu_g):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") else None
-        check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=cond, emulated=we,
+        check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=gcond, emulated=we,
                     emulation_factor=emulation_factor(position))
     if packing == "qkv":
         assert_unchanged(snap, qkv=qkv, alibi=alibi)

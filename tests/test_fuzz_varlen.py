@@ -83,6 +83,7 @@ def _varlen_case(data, backend):
     k = values((total_k, Hk, D), dtype, kind, gen)
     v = values((total_k, Hk, D), dtype, "unit" if kind == "tiny" else kind, gen)
     cond = logit_cond(q, k, scale, softcap=softcap)
+    gcond = logit_cond(q, k, scale, softcap=softcap, grad=True)
     q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
     # FlashAttention's varlen rule: a window side >= max_seqlen_k (the argument) is unbounded
     left, right = normalize_window((wl, wr), causal, max_k)
@@ -133,7 +134,7 @@ def _varlen_case(data, backend):
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
     terms = H * sum(a * b for a, b in zip(lens_q, lens_k))
     for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(lens_q + lens_k)), emu_g):
-        check_close(g, w, dtype, grad=True, name=n, scale=f, cond=cond,
+        check_close(g, w, dtype, grad=True, name=n, scale=f, cond=gcond,
                     terms=terms if n.startswith("d_leaf") else None, emulated=we,
                     emulation_factor=emulation_factor(position))
     if packing == "qkv":
