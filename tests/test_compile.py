@@ -59,7 +59,7 @@ def test_shared_memory_within_arch_limit(report):
 # Results are correct (interpreter tests); speed on a GPU is unmeasured.
 KNOWN_SPILLS = {
     ("_fused_attention_bwd_dkdv_kernel", "d=256 phases bwd fp16", 90): (11, 11),
-    ("_fused_attention_bwd_dq_kernel", "d=256 phases bwd fp16", 90): (38, 36),
+    ("_fused_attention_bwd_dq_kernel", "d=256 phases bwd fp16", 90): (29, 27),
 }
 # ptxas may move a few spills around between versions; a known entry may grow by this much
 SPILL_SLACK = 8

@@ -106,7 +106,7 @@ BWD_CONFIGS = {
     256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, **_W8,
               **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2)),
     # learned phases at 256: dk in two halves as well (split_dk); sm_80 in 16-row programs at 4 warps. Open:
-    # on sm_90 the dk (second half) and dq kernels spill 11 / 38 LDL outside their loops (values kept from
+    # on sm_90 the dk (second half) and dq kernels spill 11 / 29 LDL outside their loops (values kept from
     # the prologue to the phase-gradient epilogue), none inside them (docs/KERNEL_RESOURCES.md)
     (256, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, split_dk=True, **_W8,
                           **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2),
@@ -931,7 +931,8 @@ def _fused_attention_bwd_dq_kernel(
     m_ok = offs_m < sq
     rows_q = q_start + offs_m
     if ROTARY_MODE != 0:
-        # cos / sin recomputed rather than kept live across the loop (registers)
+        # the column maps, cos / sin recomputed rather than kept live across the loop (registers)
+        col_a, col_b = _head_cols(_opaque(rotary_half, FAST_TRIG).to(tl.int32), HEAD_DIM, ROTARY_MODE, INTERLEAVED)
         tok_q = offs_m + off
         pos_q = _rotary_positions(POS_IDS + off_b * stride_pb, tok_q, m_ok, HAS_POS_IDS)
         if ROTARY_MODE == 2:
