@@ -3,7 +3,11 @@
 # (device copy bandwidth, bf16 matmul rate), run the benchmark suites at sizes that fill the chip,
 # and write the CSV, markdown tables, a plot and logs to $OUT (or the folder given as an argument).
 #
-#   bash bench/gpu_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS] [--no-build] [--no-tests]
+#   bash bench/gpu_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS] [--no-build] [--no-tests] [--with-ab]
+#
+# --with-ab: also bench/bench_config_ab.py (60 s taken from the flash sweep): head_dim 256 learned-phase
+# backward in the shipped sm_90 config (wgmma, 29 / 11 LDL spilled outside loops) vs a spill-free one
+# (32-row / 32-key programs on mma.sync); the faster one should become BWD_CONFIGS[(256, "phases")].
 #
 # Everything runs under one deadline (--budget, default 480 s = 8 minutes): each stage gets at most
 # its own cap and never more than what is left, and the benchmark stages pass the time left to
@@ -11,13 +15,14 @@
 # table still comes out). --dry-run prints every stage with its cap and the benchmark rows it would
 # run (`--list`, no device touched), and runs nothing.
 #
-# Outputs in OUT_DIR: env.log, build.log, gpu_tests.log, ceilings.json, bench.csv (all rows, with
+# Outputs in OUT_DIR: env.log, build.log, gpu_tests.log, ceilings.json, config_ab.json, bench.csv (all rows, with
 # device, versions and git sha), models.md, flash.md, flash.png, gpu_results.md (the README section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 BUILD=1
 TESTS=1
+AB=0
 BUDGET=480
 OUT_DIR="${OUT:-bench/results}"
 while [ $# -gt 0 ]; do
@@ -25,6 +30,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --no-build) BUILD=0 ;;
     --no-tests) TESTS=0 ;;
+    --with-ab) AB=1 ;;
     --budget) BUDGET="$2"; shift ;;
     *) OUT_DIR="$1" ;;
   esac
@@ -70,8 +76,11 @@ if [ "$DRY" = 1 ]; then
 fi
 T=$(left); M=$(( (T - 20) / 2 )); [ "$M" -lt 0 ] && M=0
 run "$(( M + 15 ))" bench_models "${MODELS[@]}" --max-seconds "$M"
-T=$(left); F=$(( T - 15 )); [ "$F" -lt 0 ] && F=0
+AB_S=0; [ "$AB" = 1 ] && AB_S=60   # --with-ab: 60 s kept for the config A/B below
+T=$(left); F=$(( T - 15 - AB_S )); [ "$F" -lt 0 ] && F=0
 run "$(( F + 15 ))" bench_flash "${FLASH[@]}" --max-seconds "$F"
+# head_dim 256 learned-phase backward: the shipped wgmma config (epilogue spills) vs the spill-free mma.sync one
+[ "$AB" = 1 ] && run 60 config_ab python bench/bench_config_ab.py --seqlen 2048 --out "$OUT_DIR/config_ab.json"
 
 if [ "$DRY" = 0 ]; then
   {
@@ -80,6 +89,7 @@ if [ "$DRY" = 0 ]; then
     head -n 1 "$OUT_DIR/models.md" 2>/dev/null
     echo
     [ -f "$OUT_DIR/ceilings.json" ] && echo "Ceilings (bench/ceilings.py): \`$(tr -d '\n ' < "$OUT_DIR/ceilings.json")\`" && echo
+    [ -f "$OUT_DIR/config_ab.json" ] && echo "Config A/B (bench/bench_config_ab.py): \`$(tr -d '\n ' < "$OUT_DIR/config_ab.json")\`" && echo
     echo "### Model shapes"; echo; tail -n +2 "$OUT_DIR/models.md" 2>/dev/null; echo
     echo "### FlashAttention's benchmark shapes"; echo; tail -n +2 "$OUT_DIR/flash.md" 2>/dev/null
   } > "$OUT_DIR/gpu_results.md"

@@ -105,9 +105,9 @@ BWD_CONFIGS = {
     # two [BLOCK_N, 256] fp32 accumulators do not fit next to k and v: dv and dk by separate launches
     256: dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, **_W8,
               **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2)),
-    # learned phases at 256: dk in two halves as well (split_dk); sm_80 in 16-row programs at 4 warps. Open:
-    # on sm_90 the dk (second half) and dq kernels spill 11 / 29 LDL outside their loops (values kept from
-    # the prologue to the phase-gradient epilogue), none inside them (docs/KERNEL_RESOURCES.md)
+    # learned phases at 256: dk in two halves (split_dk); sm_80: 16-row programs at 4 warps. sm_90: dk (2nd half)
+    # and dq spill 11 / 29 LDL outside their loops; 32-key / 32-row programs spill none but lose wgmma: which
+    # is faster is for a GPU to say (bench/bench_config_ab.py, in bench/gpu_check.sh; docs/KERNEL_RESOURCES.md)
     (256, "phases"): dict(BLOCK_M=16, BLOCK_N=64, num_stages=2, split_dkdv=True, split_dk=True, **_W8,
                           **dict(_DQ, dq_BLOCK_N=16, dq_num_stages=2),
                           sm80=dict(BLOCK_N=16, num_warps=4, dq_BLOCK_M=16, dq_num_warps=4)),
