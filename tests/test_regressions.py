@@ -425,3 +425,20 @@ def test_fp32_softcap_gradient_error_follows_logit_magnitude():
     names = ["dq", "dk", "dv"]
     for gg, w, n, f in zip(got, want, names, grad_floor(want, names, positions=31)):
         check_close(gg, w, torch.float32, grad=True, name=n, scale=f, cond=cond)
+
+
+# Break-it pass 2026-11-30: RoPE at large positions in fp32 misses the fp32 table (4e-4 at ~3e4, up to 5e-3 at
+# ~1e6): fp32 angles (positions x fp32 inverse frequencies, FlashAttention's and transformers' convention; the
+# issue fixes "angles computed in fp32") are off by ~|position| * 6e-8 rad. Documented in RoPE's docstring
+# ("Precision"); this pins the documented size (so a regression to coarser angles shows) and float64 exactness.
+@pytest.mark.parametrize("start", [30000, 130000])
+def test_rope_far_positions_error_is_the_documented_fp32_angle_error(start):
+    g = torch.Generator().manual_seed(start)
+    q, k, v = (torch.randn(1, 2, 6, 64, generator=g) for _ in range(3))
+    p = posattn.RoPE(position_ids=torch.arange(6) + start)
+    want = R.attention(q.double(), k.double(), v.double(), position=p)[0]
+    err = (posattn.scaled_dot_product_attention(q, k, v, position=p, backend="torch").double() - want).abs().max()
+    assert err <= 6e-8 * (start + 6) * 1.0, err       # one angle error's worth, |v| ~ 1 (measured 3e-4 / 3e-3)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    err64 = (posattn.scaled_dot_product_attention(q64, k64, v64, position=p, backend="torch") - want).abs().max()
+    assert err64 <= 1e-12, err64
