@@ -10,9 +10,25 @@ never ``assert``.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterable, Sequence
 
 import torch
+
+
+def _np_bool():
+    """numpy.bool_ (a bool that is not a Python bool), or bool when numpy is absent."""
+    try:
+        import numpy
+        return numpy.bool_
+    except ImportError:
+        return bool
+
+
+def _type_name(value) -> str:
+    """``float`` / ``numpy.float32`` / ``torch.Tensor``: the module is named unless it is builtins."""
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__name__}"
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
@@ -123,6 +139,34 @@ def check_last_dim_contiguous(arg: str, t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def may_overlap(t: torch.Tensor) -> bool:
+    """True unless ``t``'s strides prove that no two elements share memory: the dims of size > 1, sorted
+    by stride, must each step past the whole extent of the smaller ones (stride 0 on a dim of size > 1, as
+    from ``expand``, and overlapping windows, as from ``unfold`` or ``as_strided``, fail it). Conservative:
+    a layout it cannot prove free of overlap counts as overlapping."""
+    dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
+    extent = 1
+    for st, sz in dims:
+        if st < extent:
+            return True
+        extent = st * sz
+    return False
+
+
+def check_no_overlap(arg: str, t: torch.Tensor) -> None:
+    """A tensor the op writes in place must not alias itself (expanded / overlapping views)."""
+    if may_overlap(t):
+        raise ValueError(f"{arg}: is written in place, so its elements must not share memory; got strides "
+                         f"{tuple(t.stride())} for shape {tuple(t.shape)} (an expanded or overlapping view): "
+                         f"pass a tensor of its own (e.g. .contiguous())")
+
+
+def dense_for_reading(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when elements may share memory: some of torch's fused CPU kernels read
+    such views wrongly (an ``unfold``-ed q gave wrong attention and gradients, no error)."""
+    return t.contiguous() if may_overlap(t) else t
+
+
 def check_cu_seqlens(arg: str, cu: torch.Tensor, *, batch_size: int | None = None,
                      total: int | None = None, device=None) -> None:
     """cu_seqlens: int32, 1-D, length batch_size+1, starts at 0, non-decreasing, last <= total."""
@@ -141,11 +185,12 @@ def check_cu_seqlens(arg: str, cu: torch.Tensor, *, batch_size: int | None = Non
 
 
 def check_int(arg: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+    if isinstance(value, (bool, _np_bool())) or not isinstance(value, numbers.Integral):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+                and value.dtype != torch.bool:
             value = int(value)
         else:
-            raise TypeError(f"{arg}: expected an int, got {type(value).__name__}")
+            raise TypeError(f"{arg}: expected an int, got {_type_name(value)}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{arg}: expected >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
@@ -158,8 +203,11 @@ def check_float(arg: str, value, *, minimum: float | None = None, maximum: float
     import math
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{arg}: expected a float, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dim() == 0 and \
+            not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()                        # a 0-d tensor, as torch's own ops take
+    if isinstance(value, (bool, _np_bool())) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{arg}: expected a float, got {_type_name(value)}")
     value = float(value)
     if finite and not math.isfinite(value):
         raise ValueError(f"{arg}: expected a finite number, got {value}")
