@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import posattn
+import posattn.scheduling
 from posattn import ALiBi, LearnedPhaseRoPE, RelativeBias, RoPE, T5Bias, URPE
 from fuzz_helpers import assert_unchanged, snapshot
 
@@ -57,6 +58,22 @@ def _rot(**over):
 
 def _krpe(**over):
     a = dict(q=r(1, 2, 6, 8), k=r(1, 2, 6, 8), v=r(1, 2, 6, 8), rpe_bias=r(2, 11))
+    a.update(over)
+    return a
+
+
+def _unfolded(*shape):
+    """A view whose elements overlap (windows of an unfold, stride 1 between neighbours): (..., last)."""
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return torch.randn(n + shape[-1]).unfold(0, shape[-1], 1)[:n].view(*shape)
+
+
+def _paged_shared(**over):
+    """Two sequences whose appends (cache_seqlens 2 and 2, page 4) land in the same slot of shared page 0."""
+    a = dict(q=r(2, 1, 4, 16), k_cache=r(3, 4, 2, 16), v_cache=r(3, 4, 2, 16), k=r(2, 1, 2, 16), v=r(2, 1, 2, 16),
+             cache_seqlens=_cu(2, 2), block_table=torch.tensor([[0, 1], [0, 2]], dtype=i32))
     a.update(over)
     return a
 
@@ -206,7 +223,26 @@ CASES = [
      "schedule"),
     ("kvcache_out_wrong_dtype", F.flash_attn_with_kvcache, lambda: dict(_kv(), out=r(2, 1, 4, 16, dtype=f16)),
      TypeError, "out"),
+    # writes into tensors that alias themselves or require grad (break-it pass): refused before any write
+    ("kvcache_out_expanded", F.flash_attn_with_kvcache,
+     lambda: dict(_kv(), out=torch.empty(1, 1, 4, 16).expand(2, 1, 4, 16)), ValueError, "out"),
+    ("kvcache_out_requires_grad", F.flash_attn_with_kvcache,
+     lambda: dict(_kv(), out=torch.zeros(2, 1, 4, 16, requires_grad=True)), ValueError, "out"),
+    ("kvcache_k_cache_expanded_append", F.flash_attn_with_kvcache,
+     lambda: _kv(k_cache=r(1, 8, 2, 16).expand(2, 8, 2, 16)), ValueError, "k_cache"),
+    ("kvcache_v_cache_expanded_append", F.flash_attn_with_kvcache,
+     lambda: _kv(v_cache=r(1, 8, 2, 16).expand(2, 8, 2, 16)), ValueError, "v_cache"),
+    ("kvcache_k_cache_requires_grad_append", F.flash_attn_with_kvcache,
+     lambda: _kv(k_cache=r(2, 8, 2, 16).requires_grad_()), ValueError, "k_cache"),
+    ("kvcache_v_cache_requires_grad_append", F.flash_attn_with_kvcache,
+     lambda: _kv(v_cache=r(2, 8, 2, 16).requires_grad_()), ValueError, "v_cache"),
+    ("kvcache_block_table_shared_append_slot", F.flash_attn_with_kvcache, _paged_shared, ValueError, "block_table"),
+    ("kvcache_num_ctas_huge", F.flash_attn_with_kvcache, lambda: dict(_kv(), num_ctas=10**9), ValueError, "num_ctas"),
     # --- apply_rotary
+    ("rotary_inplace_expanded_x", F.apply_rotary, lambda: dict(_rot(x=r(1, 5, 1, 8).expand(2, 5, 3, 8)), inplace=True),
+     ValueError, "x"),
+    ("rotary_inplace_overlapping_x", F.apply_rotary, lambda: dict(_rot(x=_unfolded(2, 5, 3, 8)), inplace=True),
+     ValueError, "x"),
     ("rotary_cos_sin_dtype_mismatch", F.apply_rotary, lambda: _rot(sin=r(8, 4, dtype=f16)), TypeError, "sin"),
     ("rotary_dim_past_head_dim", F.apply_rotary, lambda: _rot(cos=r(8, 5), sin=r(8, 5)), ValueError, "cos"),
     ("rotary_table_too_short", F.apply_rotary, lambda: _rot(cos=r(4, 4), sin=r(4, 4)), ValueError, "cos"),
@@ -248,6 +284,22 @@ CASES = [
     ("eco_layer_embed_not_divisible", lambda: F.nn.EcoFormerAttention(30, 4), dict, ValueError, "num_heads"),
     ("krpe_layer_seqlen_past_max", lambda x: F.nn.KernelizedRPEAttention(16, 2, max_seqlen=4)(x),
      lambda: dict(x=r(1, 5, 16)), ValueError, "x"),
+    ("hash_fit_empty_batch", lambda x: F.nn.KernelizedHash(8, num_bits=4, num_anchors=3).fit(x),
+     lambda: dict(x=r(0, 1, 5, 8)), ValueError, "x"),
+    ("krpe_layer_causal_str", lambda: F.nn.KernelizedRPEAttention(16, 2, max_seqlen=4, causal="no"), dict,
+     TypeError, "causal"),
+    ("krpe_layer_normalize_qk_int", lambda: F.nn.KernelizedRPEAttention(16, 2, max_seqlen=4, normalize_qk=1), dict,
+     TypeError, "normalize_qk"),
+    ("eco_layer_causal_int", lambda: F.nn.EcoFormerAttention(32, 4, causal=1), dict, TypeError, "causal"),
+    # --- scheduling: never a hang, never a float length
+    ("lean_schedule_float_length", lambda: F.scheduling.lean_schedule([10.5], num_heads_k=1, block_n=16), dict,
+     TypeError, "seqlens_k"),
+    ("lean_schedule_huge_num_ctas", lambda: F.scheduling.lean_schedule([100, 5], num_heads_k=2, block_n=16,
+                                                                       num_ctas=10**9), dict, ValueError, "num_ctas"),
+    ("lean_schedule_too_many_tiles", lambda: F.scheduling.lean_schedule([10**12], num_heads_k=1, block_n=16), dict,
+     ValueError, "seqlens_k"),
+    ("split_schedule_too_many_tiles", lambda: F.scheduling.split_schedule([10**12], num_heads_k=1, block_n=16), dict,
+     ValueError, "seqlens_k"),
 ]
 
 

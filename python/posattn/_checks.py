@@ -218,6 +218,14 @@ def check_float(arg: str, value, *, minimum: float | None = None, maximum: float
     return value
 
 
+def check_bool(arg: str, value) -> bool:
+    """A Python bool or a numpy bool (as torch's ops take); returns a Python bool. Raises TypeError otherwise
+    (ints, 0-d tensors and None are not bools here)."""
+    if not isinstance(value, (bool, _np_bool())):
+        raise TypeError(f"{arg}: expected a bool, got {_type_name(value)}")
+    return bool(value)
+
+
 def check_choice(arg: str, value, choices: Sequence):
     if value not in choices:
         raise ValueError(f"{arg}: expected one of {', '.join(repr(c) for c in choices)}, got {value!r}")

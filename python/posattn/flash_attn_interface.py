@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import positional as _pos
-from ._checks import Dims, check_float, check_tensor, check_window
+from ._checks import Dims, check_bool, check_float, check_tensor, check_window
 from .ops import attention as _attn
 
 __all__ = ["flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func"]
@@ -68,9 +68,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     Parameters
     ----------
     q : Tensor (batch_size, seqlen_q, num_heads, head_dim)
-        float16, bfloat16 or float32; float64 on ``backend="torch"`` only (the default on CPU; full
-        float64 precision, positional tables included, so gradcheck holds; the Triton kernels raise
-        TypeError). ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` do not take float64 on
+        float16, bfloat16 or float32; float64 on ``backend="torch"`` only (the default on CPU; ``out`` in
+        full float64 precision, positional tables included, so ``torch.autograd.gradcheck`` holds for ``out``;
+        ``softmax_lse`` stays float32 as in FlashAttention, so gradcheck through lse does not; the Triton
+        kernels raise TypeError). ``flash_attn_varlen_func`` and ``flash_attn_with_kvcache`` do not take float64 on
         any backend. Any strides (a last-dim stride other than 1 is copied once for the Triton backend).
     k : Tensor (batch_size, seqlen_k, num_heads_k, head_dim), same dtype/device; num_heads must be a
         multiple of num_heads_k (MQA/GQA: query head h reads kv head ``h // (num_heads // num_heads_k)``).
@@ -78,11 +79,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         head_dim_v may differ from head_dim on the torch backend only.
     dropout_p : float in [0, 1], default 0.0
         Dropout on the probabilities (kept ones scaled by ``1/(1-dropout_p)``); the seed is drawn from
-        torch's default generator and the mask regenerated identically in backward.
+        torch's default generator and the mask regenerated identically in backward. Any real number
+        (Python, numpy) or 0-d tensor.
     softmax_scale : float or None
-        None means ``head_dim ** -0.5``.
+        None means ``head_dim ** -0.5`` (1.0 for head_dim 0, where every logit is 0). Any real number
+        (Python, numpy) or 0-d tensor.
     causal : bool, default False
-        Bottom-right aligned (FlashAttention): query i sees keys ``j <= i + seqlen_k - seqlen_q``::
+        Bottom-right aligned (FlashAttention; a Python or numpy bool, as ``deterministic`` and
+        ``return_attn_probs``): query i sees keys ``j <= i + seqlen_k - seqlen_q``::
 
             seqlen_q=2, seqlen_k=5:   x x x x .
                                       x x x x x
@@ -90,7 +94,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     window_size : (left, right), default (-1, -1)
         Local attention: keys ``i + off - left <= j <= i + off + right`` with ``off = seqlen_k - seqlen_q``;
         -1 = unbounded. As in FlashAttention, a side ``>= seqlen_k`` is treated as -1, and ``causal``
-        sets right to 0.
+        sets right to 0. Entries are ints (Python, numpy, or integer 0-d tensors).
     softcap : float >= 0, default 0.0
         0 = off; else the scaled logits become ``softcap * tanh(logits / softcap)`` before any bias
         (Gemma-2 / FlashAttention order).
@@ -123,6 +127,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         bad ``window_size``/``softcap``/``dropout_p``, a head_dim the chosen backend does not support.
     RuntimeError
         ``backend`` names a backend that cannot run here.
+    NotImplementedError
+        Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``): reverse mode only. Double
+        backward (differentiating the gradients, ``create_graph=True`` then another backward) raises it at
+        the second backward.
 
     Notes
     -----
@@ -150,11 +158,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                          f"(q {tuple(q.shape)}, k {tuple(k.shape)}); {_attn.LAYOUT_HINT}")
     dropout_p = check_float("dropout_p", dropout_p, minimum=0.0, maximum=1.0)
     softmax_scale = check_float("softmax_scale", softmax_scale, allow_none=True)
-    softmax_scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    softmax_scale = _attn.default_scale(D) if softmax_scale is None else softmax_scale
     softcap = check_float("softcap", softcap, minimum=0.0)
-    for n, val in (("causal", causal), ("deterministic", deterministic), ("return_attn_probs", return_attn_probs)):
-        if not isinstance(val, bool):
-            raise TypeError(f"{n}: expected a bool, got {type(val).__name__}")
+    causal = check_bool("causal", causal)
+    deterministic = check_bool("deterministic", deterministic)
+    return_attn_probs = check_bool("return_attn_probs", return_attn_probs)
     left, right = normalize_window(window_size, causal, Sk)
     causal = causal or (left < 0 and right == 0)  # FlashAttention: window (-1, 0) is causal
     offset = Sk - Sq

@@ -933,29 +933,52 @@ def rpe_coefficients(rpe_bias: torch.Tensor, seqlen_q: int, seqlen_k: int, causa
     return c
 
 
+def rpe_masked_rows(rpe_bias: torch.Tensor, seqlen_q: int, seqlen_k: int, causal: bool) -> torch.Tensor:
+    """(heads, seqlen_q) bool: True where query row i sees no key at all, i.e. every bias entry it reads
+    (``r = j - i + seqlen_q - 1`` for its visible keys j: all j < seqlen_k, or j <= i when causal) is -inf.
+    Such rows are fully masked: kernelized RPE attention returns 0 for them (as the fused attention ops do
+    for rows with no visible key), not 0/0. NaN entries do not count as masked. O(heads * (seqlen_q + seqlen_k))."""
+    live = (~torch.isneginf(rpe_bias.detach())).to(torch.int64)                       # (H, N + S - 1)
+    csum = torch.cat([torch.zeros_like(live[:, :1]), live.cumsum(dim=1)], dim=1)      # prefix sums
+    i = torch.arange(seqlen_q, dtype=torch.int64, device=rpe_bias.device)
+    lo = seqlen_q - 1 - i                                                             # r of key j = 0
+    last = torch.clamp(i, max=seqlen_k - 1) if causal else torch.full_like(i, seqlen_k - 1)
+    hi = lo + last + 1                                                                # one past r of the last key
+    return (csum[:, hi] - csum[:, lo]) == 0
+
+
 def _expand_kv(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.repeat_interleave(num_heads // t.shape[1], dim=1)
+
+
+def _masked_rows_zero(num: torch.Tensor, den: torch.Tensor, rpe_bias, n: int, s: int, causal: bool) -> torch.Tensor:
+    """num / den with fully masked rows (``rpe_masked_rows``) set to 0 (a safe denominator there, so gradients of
+    the other rows stay finite)."""
+    dead = rpe_masked_rows(rpe_bias, n, s, causal)[None, :, :, None]
+    return torch.where(dead, torch.zeros_like(num), num / torch.where(dead, torch.ones_like(den), den))
 
 
 def kernelized_rpe_direct(q, k, v, rpe_bias, feature_map, causal: bool = False) -> torch.Tensor:
     """O(N S) evaluation of o_i = sum_j c_{j-i} (phi(q_i).phi(k_j)) v_j / sum_j c_{j-i} phi(q_i).phi(k_j), float64.
 
     q (B, H, N, d); k, v (B, H_kv, S, d / d_v) (GQA: head h reads kv head h // (H / H_kv));
-    feature_map: callable x -> (..., m), applied in float64.
+    feature_map: callable x -> (..., m), applied in float64. A fully masked row (every bias entry it reads is
+    -inf, see ``rpe_masked_rows``) gives 0.
     """
     num_heads, n, s = q.shape[1], q.shape[2], k.shape[2]
     fq = feature_map(q.to(torch.float64))
     fk = _expand_kv(feature_map(k.to(torch.float64)), num_heads)
     vv = _expand_kv(v.to(torch.float64), num_heads)
     w = (fq @ fk.transpose(-1, -2)) * rpe_coefficients(rpe_bias, n, s, causal)
-    return (w @ vv) / w.sum(-1, keepdim=True)
+    return _masked_rows_zero(w @ vv, w.sum(-1, keepdim=True), rpe_bias, n, s, causal)
 
 
 def kernelized_rpe_fft(q, k, v, rpe_bias, feature_map, causal: bool = False,
                        dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The same formula through Algorithm 1 of Luo et al.: Toeplitz products by a circulant FFT of length
     L >= N + S - 1, no chunking (materialises (B, H, L, m * d_v)). Computed in ``dtype`` (float64: the truth;
-    float32: what plain torch.fft achieves in fp32, the second oracle of STYLE.md for an FFT kernel)."""
+    float32: what plain torch.fft achieves in fp32, the second oracle of STYLE.md for an FFT kernel). A fully
+    masked row (``rpe_masked_rows``) gives 0."""
     num_heads, n, s = q.shape[1], q.shape[2], k.shape[2]
     fq = feature_map(q.to(dtype)).to(dtype)
     fk = _expand_kv(feature_map(k.to(dtype)).to(dtype), num_heads)
@@ -973,11 +996,12 @@ def kernelized_rpe_fft(q, k, v, rpe_bias, feature_map, causal: bool = False,
     m, dv = fq.shape[-1], vv.shape[-1]
     num = torch.einsum("bhnf,bhnfe->bhne", fq, d[..., : m * dv].unflatten(-1, (m, dv)))
     den = (fq * d[..., m * dv:]).sum(-1, keepdim=True)
-    return num / den
+    return _masked_rows_zero(num, den, rpe_bias, n, s, causal)
 
 
 def exact_rpe_attention(q, k, v, rpe_bias, causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
-    """The target that kernelized RPE attention approximates: softmax(scale q k^T + b_{j-i}) v, float64."""
+    """The target that kernelized RPE attention approximates: softmax(scale q k^T + b_{j-i}) v, float64. A row
+    with no visible key (all its logits -inf) gives 0, as the fused attention ops do."""
     num_heads, n, s = q.shape[1], q.shape[2], k.shape[2]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     i = torch.arange(n, device=q.device)[:, None]
@@ -986,7 +1010,9 @@ def exact_rpe_attention(q, k, v, rpe_bias, causal: bool = False, softmax_scale: 
     logits = logits + rpe_bias.to(torch.float64)[:, j - i + n - 1]
     if causal:
         logits = logits.masked_fill(j > i, float("-inf"))
-    return torch.softmax(logits, dim=-1) @ _expand_kv(v.to(torch.float64), num_heads)
+    dead = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    p = torch.softmax(logits.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+    return p @ _expand_kv(v.to(torch.float64), num_heads)
 
 # ==== end section: kernelized attention with RPE ====
 

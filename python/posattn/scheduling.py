@@ -64,14 +64,24 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import numbers
 from typing import Sequence
 
 __all__ = ["Schedule", "lean_schedule", "split_schedule", "single_schedule", "make_schedule",
-           "split_heuristic", "default_block_n", "MAX_SPLITS"]
+           "split_heuristic", "default_block_n", "MAX_SPLITS", "MAX_TILES", "MAX_CTAS"]
 
 #: upper bound on the number of CTAs sharing one output tile (ORT's kMaxSplits); the lean
 #: scheduler raises the grid's tiles-per-CTA when needed to keep every tile under it.
 MAX_SPLITS = 128
+
+#: upper bound on the KV tiles of one schedule (all sequences, heads and m-blocks): the host work and the
+#: schedule arrays are linear in it, so a larger tile space raises ValueError instead of running for minutes
+#: (2**26 tiles of 16 keys is 1G keys per head; of 128 keys, 8G).
+MAX_TILES = 2 ** 26
+
+#: upper bound on an explicit grid size ``num_ctas`` (the arrays are linear in it; a real grid is at most
+#: SMs x CTAs per SM, a few thousand). CTAs beyond the number of tiles get no work (empty ranges).
+MAX_CTAS = 2 ** 16
 
 
 def default_block_n(head_dim: int) -> int:
@@ -161,11 +171,25 @@ def _from_cuts(kind, offsets, tb, th, tm, cta_starts) -> Schedule:
 
 
 def _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n):
-    if any(int(L) < 0 for L in seqlens_k):
-        raise ValueError(f"seqlens_k: expected lengths >= 0, got {list(seqlens_k)[:16]}")
+    """Types and sizes; returns the lengths as a list of int. The tile space must stay within MAX_TILES."""
+    try:
+        lens = list(seqlens_k)
+    except TypeError:
+        raise TypeError(f"seqlens_k: expected a sequence of ints, got {type(seqlens_k).__name__}") from None
+    for b, L in enumerate(lens):
+        if isinstance(L, bool) or not isinstance(L, numbers.Integral):
+            raise TypeError(f"seqlens_k: expected ints, got {type(L).__name__} {L!r} at index {b}")
+    lens = [int(L) for L in lens]
+    if any(L < 0 for L in lens):
+        raise ValueError(f"seqlens_k: expected lengths >= 0, got {lens[:16]}")
     for name, val in (("num_heads_k", num_heads_k), ("num_m_blocks", num_m_blocks), ("block_n", block_n)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {val!r}")
+    total = sum(-(-L // block_n) for L in lens) * num_heads_k * num_m_blocks
+    if total > MAX_TILES:
+        raise ValueError(f"seqlens_k: the tile space has {total} KV tiles (sum of ceil(seqlens_k / block_n={block_n}) "
+                         f"x num_heads_k={num_heads_k} x num_m_blocks={num_m_blocks}), more than MAX_TILES={MAX_TILES}")
+    return lens
 
 
 def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, num_m_blocks: int = 1,
@@ -186,10 +210,12 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
     num_ctas : int or None
         Grid size G. None: the smallest load ``q >= ceil(T / max_ctas)`` that keeps every output
         tile within ``max_splits`` CTAs, then the fewest CTAs with that load, ``G = ceil(T / q)``
-        (loads differ by at most one; max load / mean load < G / (G - 1)).
+        (loads differ by at most one; max load / mean load < G / (G - 1)). Explicit values above the
+        number of tiles T are allowed: CTAs past T get no work (empty ranges). At most ``MAX_CTAS``
+        (65536), else ValueError.
     max_ctas : int, default 264
         CTAs that can be resident at once (SMs x CTAs per SM; 264 = 2 x 132 on an H100 SXM).
-    max_splits : int, default 128
+    max_splits : int >= 2, default 128
         With ``num_ctas=None``, the load is raised until no output tile is shared by more than
         this many CTAs. An explicit ``num_ctas`` is kept as given (``max_splits`` is not enforced).
 
@@ -201,31 +227,38 @@ def lean_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, n
 
     Raises
     ------
+    TypeError
+        A length that is not an int (e.g. 10.5), or ``seqlens_k`` not a sequence.
     ValueError
-        A negative length, a size < 1, or ``num_ctas`` < 1.
+        A negative length, a size < 1, ``num_ctas`` < 1 or > ``MAX_CTAS``, ``max_ctas`` < 1,
+        ``max_splits`` < 2, or a tile space of more than ``MAX_TILES`` (2**26) KV tiles.
 
     Examples
     --------
     >>> lean_schedule([1000], num_heads_k=1, block_n=128, num_ctas=3).loads()
     [3, 3, 2]
     """
-    _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
-    offsets, tb, th, tm = _tile_space(seqlens_k, num_heads_k, num_m_blocks, block_n)
-    T = offsets[-1]
+    seqlens_k = _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
     if num_ctas is None:
         if isinstance(max_ctas, bool) or not isinstance(max_ctas, int) or max_ctas < 1:
             raise ValueError(f"max_ctas: expected an int >= 1, got {max_ctas!r}")
+        if isinstance(max_splits, bool) or not isinstance(max_splits, int) or max_splits < 2:
+            raise ValueError(f"max_splits: expected an int >= 2, got {max_splits!r}")
+    elif isinstance(num_ctas, bool) or not isinstance(num_ctas, int) or not 1 <= num_ctas <= MAX_CTAS:
+        raise ValueError(f"num_ctas: expected an int in [1, MAX_CTAS={MAX_CTAS}], got {num_ctas!r}")
+    offsets, tb, th, tm = _tile_space(seqlens_k, num_heads_k, num_m_blocks, block_n)
+    T = offsets[-1]
+    if num_ctas is None:
         longest = max((offsets[u + 1] - offsets[u] for u in range(len(offsets) - 1)), default=0)
         # smallest per-CTA load q that max_ctas slots allow and that keeps every output tile within
-        # max_splits CTAs (a tile of n KV tiles spans at most 1 + ceil((n - 1) / (q - 1)) CTAs);
-        # then the fewest CTAs with that load, so loads differ by at most one and balance stays tight
+        # max_splits CTAs (a tile of n KV tiles spans at most 1 + ceil((n - 1) / (q - 1)) CTAs, which is
+        # <= max_splits iff q >= 1 + ceil((n - 1) / (max_splits - 1))); then the fewest CTAs with that
+        # load, so loads differ by at most one and balance stays tight
         q = -(-T // max_ctas) if T else 1
-        while longest > max_splits and (q == 1 or 1 + -(-(longest - 1) // (q - 1)) > max_splits):
-            q += 1
+        if longest > max_splits:
+            q = max(q, 1 + -(-(longest - 1) // (max_splits - 1)))
         G = max(1, -(-T // q)) if T else 1
     else:
-        if isinstance(num_ctas, bool) or not isinstance(num_ctas, int) or num_ctas < 1:
-            raise ValueError(f"num_ctas: expected an int >= 1, got {num_ctas!r}")
         G = num_ctas
     q = -(-T // G) if T else 0
     hl = T - (q - 1) * G if T else 0
@@ -268,12 +301,14 @@ def split_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, 
     FlashAttention does), one CTA per non-empty chunk; short sequences get fewer CTAs.
 
     Parameters are those of :func:`lean_schedule`; ``num_splits`` 0 picks
-    :func:`split_heuristic` on ``num_sms``; ``num_splits`` 1 is :func:`single_schedule`.
+    :func:`split_heuristic` on ``num_sms``; ``num_splits`` 1 is :func:`single_schedule`. Errors as
+    :func:`lean_schedule` (TypeError for non-int lengths; ValueError past ``MAX_TILES``), and
+    ValueError for ``num_splits`` < 0.
 
     >>> split_schedule([1000, 300], num_heads_k=1, block_n=128, num_splits=2).loads()
     [4, 4, 3]
     """
-    _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
+    seqlens_k = _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits: expected an int >= 0 (0 = heuristic), got {num_splits!r}")
     offsets, tb, th, tm = _tile_space(seqlens_k, num_heads_k, num_m_blocks, block_n)
@@ -290,12 +325,13 @@ def split_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, 
 
 
 def single_schedule(seqlens_k: Sequence[int], *, num_heads_k: int, block_n: int, num_m_blocks: int = 1) -> Schedule:
-    """One CTA per output tile (FlashAttention-2's decode grid without splits).
+    """One CTA per output tile (FlashAttention-2's decode grid without splits). Parameters and errors
+    as :func:`lean_schedule`.
 
     >>> single_schedule([1000, 300], num_heads_k=1, block_n=128).loads()
     [8, 3]
     """
-    _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
+    seqlens_k = _check_common(seqlens_k, num_heads_k, num_m_blocks, block_n)
     offsets, tb, th, tm = _tile_space(seqlens_k, num_heads_k, num_m_blocks, block_n)
     starts = offsets if len(offsets) > 1 else [0, 0]
     return _from_cuts("single", offsets, tb, th, tm, list(starts))

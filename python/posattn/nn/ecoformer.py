@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import Dims, check_choice, check_float, check_int, check_tensor
+from ._flags import check_flag
 from ..ops.ecoformer import FORMS, ecoformer_attention, ecoformer_pack_bits
 
 __all__ = ["KernelizedHash", "EcoFormerAttention"]
@@ -222,7 +223,8 @@ class KernelizedHash(nn.Module):
 
         Raises
         ------
-        ValueError: bad shapes; fewer training tokens than num_anchors or than 2 * topk.
+        ValueError: bad shapes; an empty batch (batch 0: x names it); fewer training tokens than
+        num_anchors or than 2 * topk.
         """
         self._check_x(x)
         dims = Dims(heads=self.heads)
@@ -233,6 +235,9 @@ class KernelizedHash(nn.Module):
         lr = check_float("lr", lr, minimum=0.0)
         momentum = check_float("momentum", momentum, minimum=0.0)
         B, H, N, _ = x.shape
+        if B == 0:
+            raise ValueError(f"x: fit needs at least one batch element (its tokens train the hash), got batch 0 "
+                             f"(shape {tuple(x.shape)})")
         keep = torch.ones(B, N, dtype=torch.bool, device=x.device)
         if key_padding_mask is not None:
             check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=x.device)
@@ -275,7 +280,7 @@ class KernelizedHash(nn.Module):
             residual = b * self.targets(sim, topk)
             head_hist = []
             for r in range(b):
-                a0 = torch.randn(self.num_anchors, generator=generator, device=gen_dev).to(x.device)
+                a0 = torch.randn(self.num_anchors, generator=generator, dtype=kbar.dtype, device=gen_dev).to(x.device)
                 a = self._relaxed_sgd(kbar, residual, a0, b, lr, momentum, iterations)
                 y0, y1 = _sign(kbar @ a0), _sign(kbar @ a)
                 l0, l1 = self.binary_loss(y0, residual, b), self.binary_loss(y1, residual, b)
@@ -316,7 +321,8 @@ class EcoFormerAttention(nn.Module):
     ----------
     embed_dim : int; num_heads : int dividing embed_dim (head_dim = embed_dim // num_heads).
     num_bits : int, default 16; num_anchors : int, default 25 (see :class:`KernelizedHash`).
-    causal : bool, default False (top-left causal mask, see ``ecoformer_attention``).
+    causal : bool, default False (top-left causal mask, see ``ecoformer_attention``); a bool or
+        numpy.bool_, TypeError naming ``causal`` otherwise (as the functional op).
     form : "consistent" (default) or "reference-code" (the authors' code; see ``ecoformer_attention``).
     topk : int, default 10, for the hash's KSH targets.
     bias : bool, default True, for the three linear layers.
@@ -350,7 +356,7 @@ class EcoFormerAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         self.form = check_choice("form", form, FORMS)
         self.topk = check_int("topk", topk, minimum=1)
         self.backend = backend

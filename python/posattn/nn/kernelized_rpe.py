@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int, check_tensor
+from ._flags import check_flag
 from ..ops.kernelized_rpe import FEATURE_MAPS, default_num_features, draw_projection, kernelized_rpe_attention
 
 __all__ = ["KernelizedRPEAttention"]
@@ -30,9 +31,10 @@ class KernelizedRPEAttention(nn.Module):
     num_features : int, optional
         PRF features m; default :func:`posattn.default_num_features` (head_dim * ln head_dim).
     causal : bool, default False
-        Query i attends to keys j <= i.
+        Query i attends to keys j <= i. A bool or numpy.bool_ (TypeError otherwise, as the functional op).
     normalize_qk : bool, default False
         L2-normalise q and k per token (the "stable" variant; PRF then estimates exp(q_hat . k_hat)).
+        A bool or numpy.bool_ (TypeError otherwise).
     redraw_interval : int or None, default 1000
         Feature redraw policy for "prf": in training mode, draw a new projection every ``redraw_interval``
         forward calls (performer-pytorch's ``feature_redraw_interval``, default 1000). None or 0: never redraw
@@ -56,7 +58,8 @@ class KernelizedRPEAttention(nn.Module):
     Raises
     ------
     ValueError, TypeError
-        Bad constructor arguments; in forward, x not 3-D, a wrong embed_dim, or seqlen > max_seqlen.
+        Bad constructor arguments (TypeError naming ``causal`` / ``normalize_qk`` for a non-bool flag); in
+        forward, x not 3-D, a wrong embed_dim, or seqlen > max_seqlen.
 
     Examples
     --------
@@ -93,7 +96,8 @@ class KernelizedRPEAttention(nn.Module):
             redraw_interval = check_int("redraw_interval", redraw_interval, minimum=0)
         self.embed_dim, self.num_heads, self.num_heads_k = embed_dim, num_heads, num_heads_k
         self.head_dim = embed_dim // num_heads
-        self.feature_map, self.causal, self.normalize_qk = feature_map, bool(causal), bool(normalize_qk)
+        causal, normalize_qk = check_flag("causal", causal), check_flag("normalize_qk", normalize_qk)
+        self.feature_map, self.causal, self.normalize_qk = feature_map, causal, normalize_qk
         self.redraw_interval, self.orthogonal, self.backend = redraw_interval, orthogonal, backend
         fk = dict(device=device, dtype=dtype)
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)

@@ -46,6 +46,7 @@ import contextlib
 import torch
 
 from .. import reference as _ref
+from .._checks import dense_for_reading
 
 # Target size of one chunk's fp32 logits block; tests lower it to force several chunks at small sizes.
 CHUNK_BYTES = 64 << 20
@@ -359,10 +360,17 @@ def _fast_prep(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, al
         live = vis.any(-1)                                            # (B|1, H|1, n|1)
         ks, vs = _zero_dead_keys(ks, vs, ~vis.any(2))
     q_in = qc.flip(2) if rev else qc
-    # the aten kernel assumes a unit stride in head_dim (it silently misreads other strides: found by the
-    # deep fuzz profile, tests/test_regressions.py::test_torch_fast_path_last_dim_strided)
-    q_in, ks, vs = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_in, ks, vs))
+    q_in, ks, vs = (_kernel_operand(t) for t in (q_in, ks, vs))
     return dict(q=q_in, k=ks, v=vs, mask=mask, rev=rev, live=live, lo=lo, hi=hi, rq=rq, rk=rk)
+
+
+def _kernel_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as torch's fused CPU attention kernels read it correctly: a unit stride in head_dim (other strides are
+    silently misread: tests/test_regressions.py::test_torch_fast_path_last_dim_strided) and no two elements
+    sharing memory (an ``unfold``-ed or ``as_strided`` view with overlapping rows, or a stride-0 dim, is misread
+    too: tests/test_regressions_breakit_attention.py). Copies only in those cases; views pass through."""
+    t = dense_for_reading(t)
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _fast_chunk(i0, i1, qc, kr, vr, attn_mask, inv_freq, position_ids, phases, alibi_slopes, bias_table, o):
@@ -387,8 +395,10 @@ def _fast_forward(q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slop
     acc = _acc_dtype(q.dtype)
     B, Sq, H, _ = q.shape
     Sk = k.shape[1]
-    kr = k.detach().permute(0, 2, 1, 3).to(acc)                      # (B, Hk, Sk, D) views where possible
-    vr = v.detach().permute(0, 2, 1, 3).to(acc)
+    # (B, Hk, Sk, D) views where possible; a copy, once, of a k/v whose elements share memory (expanded heads,
+    # overlapping windows), which the kernel misreads (``_kernel_operand``)
+    kr = dense_for_reading(k.detach().permute(0, 2, 1, 3).to(acc))
+    vr = dense_for_reading(v.detach().permute(0, 2, 1, 3).to(acc))
     if o["rotary_mode"] == 3 and kr.shape[1] != H:   # learned phases are per query head: expand GQA k/v
         head_map = torch.arange(H, device=q.device) // (H // kr.shape[1])
         kr, vr = kr.index_select(1, head_map), vr.index_select(1, head_map)
@@ -465,12 +475,23 @@ def attention_torch_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, posi
         with _autograd_enabled():
             return _recompute_bwd(dout, dlse, q, k, v, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
                                   bias_table, urpe_table, o, need)
+    B, _, H, _ = q.shape
+    if B == 0 or H == 0:                     # no query row at all (0 batch or 0 heads): zero-size gradients
+        return _zero_grads(q, k, v, attn_mask, phases, alibi_slopes, bias_table, urpe_table, need)
     with torch.no_grad():
         if _aten_bwd_ok(q, k, v, out, lse, dlse, o, urpe_table, need):
             return _aten_bwd(dout, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
                              bias_table, o, need)
         return _flash_bwd(dout, dlse, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases, alibi_slopes,
                           bias_table, urpe_table, o, need)
+
+
+def _zero_grads(q, k, v, attn_mask, phases, alibi_slopes, bias_table, urpe_table, need):
+    """Gradients of an attention without query rows (batch 0 or heads 0): zeros shaped like each input."""
+    src = dict(q=q, k=k, v=v, attn_mask=attn_mask, phases=phases, alibi_slopes=alibi_slopes, bias_table=bias_table,
+               urpe_table=urpe_table)
+    return {n: torch.zeros_like(t) if need.get(n) and t is not None and t.is_floating_point() else None
+            for n, t in src.items()}
 
 
 def _rotate_t(x, cs, interleaved):
@@ -566,7 +587,7 @@ def _aten_bwd(dout, q, k, v, out, lse, attn_mask, inv_freq, position_ids, phases
             continue
         if P["rev"]:
             do, oc, lc = do.flip(2), oc.flip(2), lc.flip(2)
-        do, oc = (t if t.stride(-1) == 1 else t.contiguous() for t in (do, oc))
+        do, oc = (_kernel_operand(t) for t in (do, oc))   # dout may be an expanded (stride 0) view
         gq, gk, gv = _FLASH_CPU_BWD(do, P["q"], P["k"], P["v"], oc, lc.contiguous(), 0.0, False,
                                     attn_mask=P["mask"], scale=o["softmax_scale"])
         lo, hi = P["lo"], P["hi"]

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import _backends, ops_registry
 from .. import positional as _pos
-from .._checks import FLOAT_DTYPES, check_float, check_same, check_tensor, dtype_name
+from .._checks import FLOAT_DTYPES, check_bool, check_float, check_same, check_tensor, dtype_name
 from . import _attention_torch
 
 __all__ = ["scaled_dot_product_attention"]
@@ -203,6 +203,41 @@ def _backward(ctx, dout, dlse):
 
 _fused_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
+DOUBLE_BACKWARD_MSG = ("posattn attention does not support double backward (differentiating its gradients, e.g. "
+                       "torch.autograd.grad(..., create_graph=True) followed by another backward): its backward is "
+                       "a fused kernel without a derivative of its own")
+FORWARD_AD_MSG = ("posattn attention supports reverse-mode autograd only (loss.backward(), torch.autograd.grad); "
+                  "forward-mode AD (torch.func.jvp, torch.autograd.forward_ad, jacfwd) "
+                  "is not implemented: {arg} carries a forward-mode tangent")
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(DOUBLE_BACKWARD_MSG)
+
+
+# Without a formula torch raises "no autograd formula was registered" only at the second backward; with this one
+# the message names the limitation (the first-order gradients, create_graph or not, are unchanged).
+_fused_attention_bwd_op.register_autograd(_double_backward)
+
+
+def reject_forward_ad(**tensors) -> None:
+    """Raise NotImplementedError when any of ``tensors`` (name -> Tensor or None) carries a forward-mode AD
+    tangent (``torch.autograd.forward_ad`` dual tensor, or a ``torch.func.jvp`` input).
+
+    The custom ops have a reverse-mode formula only; forward mode would otherwise run them on the primal values
+    and return a zero tangent without an error (torch's SDPA raises too)."""
+    if torch.compiler.is_compiling():   # traced graphs: forward-mode AD is not traced through custom ops either
+        return
+    unpack = torch.autograd.forward_ad.unpack_dual
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and unpack(t).tangent is not None:
+            raise NotImplementedError(FORWARD_AD_MSG.format(arg=name))
+
+
+def default_scale(head_dim: int) -> float:
+    """``head_dim ** -0.5``; 1.0 for head_dim 0 (the logits are 0 whatever the scale, as in torch's SDPA)."""
+    return head_dim ** -0.5 if head_dim > 0 else 1.0
+
 
 # ---------------------------------------------------------------------------------------------
 # Shared front half of every public entry point
@@ -263,6 +298,8 @@ def fused_attention(q, k, v, *, attn_mask=None, softmax_scale: float, causal: bo
         from .._checks import check_last_dim_contiguous
         q, k, v = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     pe = pe if pe is not None else _pos.KernelPE()
+    reject_forward_ad(**{name_q: q, "k" if name_q == "q" else "key": k, name_v: v, "attn_mask": attn_mask},
+                      **{n: getattr(pe, n) for n in _PE_TENSORS})
     seed = _draw_seed(dropout_p)
     out, lse = torch.ops.posattn.fused_attention_fwd(
         q, k, v, attn_mask, *(getattr(pe, n) for n in _PE_TENSORS),
@@ -315,7 +352,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         torch's layout: ``(batch, heads, seq, head_dim)``; also unbatched ``(heads, seq, head_dim)``,
         ``(seq, head_dim)``, or any number of leading batch dims (broadcast between query, key and
         value as torch does; broadcast inputs with more than one leading batch dim are copied once).
-        float16, bfloat16 or float32 (float64 on ``backend="torch"``); any strides.
+        float16, bfloat16 or float32 (float64 on ``backend="torch"``: the output in float64 precision, so
+        ``torch.autograd.gradcheck`` holds); any strides, including expanded or overlapping views (copied
+        where a fused CPU kernel would misread them).
     key : Tensor (..., num_heads_k, seqlen_k, head_dim), same dtype and device as query.
     value : Tensor (..., num_heads_k, seqlen_k, head_dim_v), same dtype and device as query.
     attn_mask : Tensor or None
@@ -323,17 +362,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         output). bool: True = attend; float (float32 or query's dtype): added to the logits after the
         positional bias. Differentiable (float) on ``backend="torch"``. None: no mask.
     dropout_p : float in [0, 1], default 0.0
-        Dropout on the attention probabilities, kept ones scaled by ``1/(1-dropout_p)``. The mask comes
-        from a seed drawn from torch's default generator (``torch.manual_seed`` reproduces it) and is
-        regenerated identically in backward. The torch and Triton backends draw different masks.
+        Dropout on the attention probabilities, kept ones scaled by ``1/(1-dropout_p)`` (any real number,
+        Python or numpy, or a 0-d tensor, as ``scale``). The mask comes from a seed drawn from torch's
+        default generator (``torch.manual_seed`` reproduces it) and is regenerated identically in backward.
+        The torch and Triton backends draw different masks.
     is_causal : bool, default False
-        Top-left causal mask (torch): query i sees keys ``j <= i``::
+        Top-left causal mask (torch; a Python or numpy bool, as ``enable_gqa``): query i sees keys ``j <= i``::
 
             seqlen_q=3, seqlen_k=5:   x . . . .
                                       x x . . .
                                       x x x . .
     scale : float or None
-        Logit scale; None means ``head_dim ** -0.5``.
+        Logit scale; None means ``head_dim ** -0.5`` (1.0 for head_dim 0: every logit is then 0 and each
+        row averages the values of its visible keys, as torch's SDPA).
     enable_gqa : bool, default False
         Grouped-query attention: num_heads must be a multiple of num_heads_k, and query head h reads kv
         head ``h // (num_heads // num_heads_k)``. Without it, head counts must match or broadcast (1).
@@ -362,6 +403,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         backend does not support.
     RuntimeError
         ``backend`` names a backend that cannot run on these tensors.
+    NotImplementedError
+        Forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``), like torch's SDPA: posattn
+        supports reverse-mode autograd only. Double backward (differentiating the gradients,
+        ``create_graph=True`` then another backward) raises it at the second backward.
 
     Notes
     -----
@@ -388,14 +433,12 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         raise ValueError(f"key: expected head_dim={query.shape[-1]} (query's last dim), got shape {tuple(key.shape)}")
     if value.shape[-2] != key.shape[-2]:
         raise ValueError(f"value: expected seqlen_k={key.shape[-2]} (key's dim -2), got shape {tuple(value.shape)}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal: expected a bool, got {type(is_causal).__name__}")
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa: expected a bool, got {type(enable_gqa).__name__}")
+    is_causal = check_bool("is_causal", is_causal)
+    enable_gqa = check_bool("enable_gqa", enable_gqa)
     dropout_p = check_float("dropout_p", dropout_p, minimum=0.0, maximum=1.0)
     scale = check_float("scale", scale, allow_none=True)
     head_dim = query.shape[-1]
-    softmax_scale = head_dim ** -0.5 if scale is None else scale
+    softmax_scale = default_scale(head_dim) if scale is None else scale
 
     in_ndim = max(query.dim(), key.dim(), value.dim())
     nd = max(in_ndim, 3)

@@ -15,9 +15,10 @@ import torch
 
 from .. import _backends
 from .. import reference as _ref
-from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_float, check_int, check_same, check_tensor,
-                       check_window, dtype_name)
+from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_float, check_int, check_no_overlap, check_same,
+                       check_tensor, check_window, dtype_name)
 from ..ops_registry import register
+from ..scheduling import MAX_CTAS
 
 __all__ = ["flash_attn_with_kvcache"]
 
@@ -59,6 +60,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         ``block_table``, a paged cache (num_blocks, page_block_size, num_heads_k, head_dim).
         **Written in place** when ``k``/``v`` are given (as FlashAttention does). num_heads must
         be a multiple of num_heads_k (GQA/MQA: query head h reads kv head h // (num_heads // num_heads_k)).
+        A cache that is written (k/v given, seqlen_new > 0) must not alias itself (no ``expand``-ed or
+        overlapping view, e.g. a stride-0 shared prefix: ValueError naming it) and must not require
+        grad (ValueError: the write bypasses autograd). Reading an expanded cache without appending
+        is fine.
     k, v : Tensor (batch_size, seqlen_new, num_heads_k, head_dim) or None
         New keys/values, appended at cache index ``cache_seqlens[b]`` (k after rotary when rotary is
         on). Both or neither.
@@ -87,7 +92,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         Not with ``block_table`` (as in FlashAttention) nor with backend "cuda" (ValueError).
     block_table : Tensor (batch_size, max_blocks_per_seq) int32 or None
         Paged cache: key j of sequence b is at ``k_cache[block_table[b, j // page_block_size],
-        j % page_block_size]``. Entries that are read or written must be in [0, num_blocks).
+        j % page_block_size]``. Entries that are read or written must be in [0, num_blocks). Sequences
+        may share pages they only read (e.g. a common prefix), but no cache slot may be written by
+        the appends of two sequences (checked on the host: ValueError naming ``block_table``).
     softmax_scale : float or None
         Scale of q k^T; None = head_dim ** -0.5.
     causal : bool, default False
@@ -138,8 +145,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     num_ctas : int or None (keyword)
         ``schedule="lean"``: grid size G (None: ``scheduling.lean_schedule``'s choice for
         2 CTAs per SM; with backend "cuda", for ``_C.lean_decode_max_ctas(head_dim, dtype)``
-        co-resident CTAs). The result does not depend on G beyond fp32 rounding. Backend "cuda":
-        at most ``_C.lean_decode_max_ctas(head_dim, dtype)``, else ValueError.
+        co-resident CTAs). The result does not depend on G beyond fp32 rounding. 1 <= G <=
+        ``scheduling.MAX_CTAS`` (65536) on every backend (CTAs past the KV tiles get no work), else
+        ValueError. Backend "cuda": at most ``_C.lean_decode_max_ctas(head_dim, dtype)``, else ValueError.
     reduce : {"separate", "kernel"}, default "separate" (keyword)
         Where split tiles are merged: a second deterministic kernel ("separate"), or the host CTA
         inside the decode kernel with epoch flags ("kernel"; GPU only, **not yet run on a GPU**).
@@ -147,7 +155,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         launch) and ignores this option; a "split"/"single" grid larger than the co-resident CTAs
         raises ValueError naming ``schedule``.
     out : Tensor (batch_size, seqlen_q, num_heads, head_dim) or None (keyword)
-        Output buffer (q's dtype and device); returned.
+        Output buffer (q's dtype and device), written in place and returned. Must not alias itself
+        (no ``expand``-ed / overlapping view) and must not require grad (ValueError naming ``out``).
 
     Returns
     -------
@@ -161,7 +170,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ValueError
         Shape conflicts, head counts that do not divide, cache_seqlens (plus seqlen_new) beyond the
         cache, cache_leftpad outside [0, cache_seqlens] (or with block_table or backend "cuda"),
-        block_table entries out of range, rotary tables too short, bad options, what backend
+        block_table entries out of range or a cache slot written by two sequences' appends, a
+        written ``k_cache``/``v_cache`` or an ``out`` that aliases itself (expanded / overlapping
+        view) or requires grad, rotary tables too short, bad options, what backend
         "cuda" does not support (head_dim, softcap, window_size, cache layout, num_ctas or a
         schedule grid over the co-resident CTAs). Every check runs before any write: the cache
         is never written out of bounds.
@@ -289,11 +300,26 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     if paged and B:
         page = k_cache.shape[1]
         bt = block_table.cpu()
-        used = torch.arange(bt.shape[1])[None, :] < torch.tensor([-(-L // page) for L in seqlens_k])[:, None]
+        used = torch.arange(bt.shape[1], dtype=torch.int64)[None, :] < \
+            torch.tensor([-(-L // page) for L in seqlens_k], dtype=torch.int64)[:, None]
         vals = bt[used]
         if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table: entries used by cache_seqlens must be in [0, num_blocks={k_cache.shape[0]}), "
                              f"got min {int(vals.min())}, max {int(vals.max())}")
+        if s_new:
+            # slots the appends write: two sequences must not write the same one (the later write would win
+            # silently); pages only read may be shared
+            pos = torch.tensor(lens, dtype=torch.int64)[:, None] + torch.arange(s_new, dtype=torch.int64)[None, :]
+            slots = bt.to(torch.int64).gather(1, pos // page) * page + pos % page
+            uniq, counts = slots.flatten().unique(return_counts=True)
+            if bool((counts > 1).any()):
+                slot = int(uniq[counts > 1][0])
+                seqs = (slots == slot).any(dim=1).nonzero().flatten().tolist()
+                raise ValueError(f"block_table: sequences {seqs} append into the same cache slot (page {slot // page}, "
+                                 f"offset {slot % page}); pages written by an append must not be shared")
+    if s_new and B:
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            _check_writable(name, t)
     # options
     scale = check_float("softmax_scale", softmax_scale, allow_none=True)
     scale = D ** -0.5 if scale is None else scale
@@ -310,7 +336,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     check_choice("schedule", schedule, _SCHEDULES)
     check_choice("reduce", reduce, ("separate", "kernel"))
     if num_ctas is not None:
-        check_int("num_ctas", num_ctas, minimum=1)
+        check_int("num_ctas", num_ctas, minimum=1, maximum=MAX_CTAS)
     if not isinstance(return_softmax_lse, bool):
         raise TypeError(f"return_softmax_lse: expected a bool, got {type(return_softmax_lse).__name__}")
     # positional encodings
@@ -333,9 +359,9 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     interleaved = rotary_interleaved
     rot_q = rot_k = None      # fp32 (B, Sq, r/2) and (B, s_new, r/2) pairs of (cos, sin)
     rope_inv = None           # fp32 inv_freq of a RoPE without attention factor (backend "cuda" rotates q in-kernel)
-    qpos = torch.tensor(eff, dtype=torch.int64)[:, None] + (torch.arange(Sq)[None, :] if (causal or local)
-                                                           else torch.zeros(1, Sq, dtype=torch.int64))
-    kpos = torch.tensor(eff, dtype=torch.int64)[:, None] + torch.arange(s_new)[None, :]
+    qpos = torch.tensor(eff, dtype=torch.int64)[:, None] + (
+        torch.arange(Sq, dtype=torch.int64)[None, :] if (causal or local) else torch.zeros(1, Sq, dtype=torch.int64))
+    kpos = torch.tensor(eff, dtype=torch.int64)[:, None] + torch.arange(s_new, dtype=torch.int64)[None, :]
     if rotary_cos is not None:
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             check_tensor(name, t, dtypes=FLOAT_DTYPES + (torch.float64,), ndim=2, device=dev)
@@ -372,6 +398,7 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         check_tensor("out", out, ndim=4)
         check_same("out", out, "q", q)
         d.check("out", out, ("batch_size", "seqlen_q", "num_heads", "head_dim"))
+        _check_writable("out", out)
     else:
         out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
     if backend == "cuda":   # argument checks first: they need no device
@@ -395,6 +422,15 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
                 rope_inv=rope_inv, cuda_schedule=cuda_schedule)
 
 
+def _check_writable(name, t):
+    """A tensor the op writes in place: no self-aliasing (expanded / overlapping views), no autograd."""
+    check_no_overlap(name, t)
+    if t.requires_grad:
+        raise ValueError(f"{name}: is written in place, but it requires grad (the write would bypass autograd; torch "
+                         f"refuses in-place writes to leaves that require grad); pass a tensor without requires_grad "
+                         f"(e.g. .detach() it, or create it under torch.no_grad())")
+
+
 # ------------------------------------------------------------------------------------------------
 # append (in place) and the two backends
 # ------------------------------------------------------------------------------------------------
@@ -410,13 +446,13 @@ def _append(a, k_cache, v_cache, k, v, block_table, cache_batch_idx):
     dev = k_cache.device
     if a["rotary_dim"]:
         k = _rotate(k.float(), a["rot_k"][0], a["rot_k"][1], a["interleaved"]).to(k_cache.dtype)
-    pos = torch.tensor(a["lens"], dtype=torch.int64, device=dev)[:, None] + torch.arange(s_new, device=dev)[None, :]
+    pos = torch.tensor(a["lens"], dtype=torch.int64, device=dev)[:, None] + torch.arange(s_new, dtype=torch.int64, device=dev)[None, :]
     if a["paged"]:
         page = k_cache.shape[1]
         rows = block_table.long().gather(1, pos // page)
         cols = pos % page
     else:
-        rows = (torch.arange(B, device=dev) if cache_batch_idx is None else cache_batch_idx.long())[:, None].expand(B, s_new)
+        rows = (torch.arange(B, dtype=torch.int64, device=dev) if cache_batch_idx is None else cache_batch_idx.long())[:, None].expand(B, s_new)
         cols = pos
     k_cache[rows, cols] = k.to(k_cache.dtype)
     v_cache[rows, cols] = v.to(v_cache.dtype)
@@ -426,7 +462,7 @@ def _empty_rows(a):
     """Batches with no key: out 0, lse -inf (not in the kernel's tile space)."""
     empty = [b for b, L in enumerate(a["seqlens_k"]) if L == 0]
     if empty:
-        idx = torch.tensor(empty, device=a["out"].device)
+        idx = torch.tensor(empty, dtype=torch.int64, device=a["out"].device)
         a["out"][idx] = 0
         a["lse"][idx] = -math.inf
 
@@ -477,10 +513,10 @@ def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
         q32 = _rotate(q32, a["rot_q"][0], a["rot_q"][1], a["interleaved"]).to(q.dtype).float()
     for b in range(B):
         Lk = a["seqlens_k"][b]
-        m = torch.full((H, Sq), -math.inf, device=dev)
-        l = torch.zeros(H, Sq, device=dev)
-        acc = torch.zeros(H, Sq, D, device=dev)
-        qpos = torch.arange(Sq, device=dev)[:, None] + Lk - Sq
+        m = torch.full((H, Sq), -math.inf, dtype=torch.float32, device=dev)
+        l = torch.zeros(H, Sq, dtype=torch.float32, device=dev)
+        acc = torch.zeros(H, Sq, D, dtype=torch.float32, device=dev)
+        qpos = torch.arange(Sq, dtype=torch.int64, device=dev)[:, None] + Lk - Sq
         slopes = None
         if a["alibi"] is not None:
             s_ = a["alibi"]
@@ -489,7 +525,7 @@ def _run_torch(a, q, k_cache, v_cache, block_table, cache_batch_idx):
         j_lo = max(0, Lk - Sq - a["left"]) if a["left"] >= 0 else 0
         j_hi = min(Lk, Lk - 1 + a["right"] + 1) if a["right"] >= 0 else Lk
         for j0 in range(j_lo, j_hi, _CHUNK):
-            j = torch.arange(j0, min(j_hi, j0 + _CHUNK), device=dev)   # positions (cache index - left pad)
+            j = torch.arange(j0, min(j_hi, j0 + _CHUNK), dtype=torch.int64, device=dev)   # positions (cache index - left pad)
             if a["paged"]:
                 page = k_cache.shape[1]
                 blk = block_table[b].long()[j // page]
@@ -590,7 +626,7 @@ def _run_cuda(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     if a["rotary_dim"]:
         # the kernel rotates q at its attention position seqlens_k - seqlen_q + i from inv_freq; FlashAttention's
         # rule may put q elsewhere (and tables/YaRN factors are not inv_freq): then rotate on the host
-        kernel_pos = seqlens[:, None] - Sq + torch.arange(Sq)[None, :]
+        kernel_pos = seqlens[:, None] - Sq + torch.arange(Sq, dtype=torch.int64)[None, :]
         if a["rope_inv"] is not None and torch.equal(a["qpos"].expand(B, Sq).to(torch.int64), kernel_pos):
             inv_freq = a["rope_inv"]
         else:

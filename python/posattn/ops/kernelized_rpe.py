@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from .. import _backends
+from ..reference import rpe_masked_rows
 from .._checks import Dims, check_int, check_tensor, check_float, dtype_name
 from ..ops_registry import register
 
@@ -167,7 +168,9 @@ def _toeplitz_kernel(rpe_bias, seqlen_q, seqlen_k, causal, fft_len, cdt):
     fft_len-seqlen_k+1 (fft_len >= seqlen_q + seqlen_k - 1, so nothing wraps)."""
     b = rpe_bias.detach().to(cdt)
     used = b[:, :seqlen_q] if causal else b
-    c = torch.exp(b - used.amax(dim=1, keepdim=True))
+    top = used.amax(dim=1, keepdim=True)
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)   # a head with every entry -inf: c = 0
+    c = torch.exp(b - top)
     if causal:
         c[:, seqlen_q:] = 0.0
     u = torch.zeros(b.shape[0], fft_len, dtype=cdt, device=b.device)
@@ -254,17 +257,22 @@ class _KernelizedRPE(torch.autograd.Function):
                 den += torch.einsum("bhnf,bhfn->bhn", pq, d[:, :, nc * dv:])
                 del d
             den, clamped = _clamp_denominator(den)
-            out = num / den[..., None]
+            # fully masked rows (every bias entry they read is -inf): out = 0 exactly, as the fused attention ops
+            # return for rows with no visible key (the FFT gives them round-off / 0 = garbage or NaN)
+            dead = rpe_masked_rows(rpe_bias, n, s, cfg["causal"])[None]                   # (1, H, N)
+            den = torch.where(dead, torch.ones_like(den), den)
+            clamped = clamped & ~dead
+            out = torch.where(dead[..., None], torch.zeros_like(num), num / den[..., None])
             cfg["roundoff"] = _roundoff_estimate(phiq, xk, v, u, den, out, mode, proj, cfg["x_scale"], shift_k,
-                                                 group, cdt)
+                                                 group, cdt, dead)
         ctx.cfg = cfg
-        ctx.save_for_backward(xq, xk, v, rpe_bias, projection, out, den, clamped)
+        ctx.save_for_backward(xq, xk, v, rpe_bias, projection, out, den, clamped, dead)
         ctx.mark_non_differentiable(clamped)
         return out.to(cfg["out_dtype"]), clamped
 
     @staticmethod
     def backward(ctx, dout, _dclamped):
-        xq, xk, v, rpe_bias, projection, out, den, clamped = ctx.saved_tensors
+        xq, xk, v, rpe_bias, projection, out, den, clamped, dead = ctx.saved_tensors
         cfg = ctx.cfg
         mode, cdt, backend, fft_len = cfg["mode"], cfg["cdt"], cfg["backend"], cfg["fft_len"]
         batch, heads, n, _ = xq.shape
@@ -283,7 +291,7 @@ class _KernelizedRPE(torch.autograd.Function):
         m = phiq.shape[-1]
         vc = v.detach().to(cdt)
 
-        g = dout.to(cdt)
+        g = torch.where(dead[..., None], torch.zeros((), dtype=cdt, device=dout.device), dout.to(cdt))  # out = 0 there
         dnum = g / den[..., None]
         dden = torch.where(clamped, torch.zeros_like(den), -(g * out).sum(-1) / den)
 
@@ -345,7 +353,7 @@ class _KernelizedRPE(torch.autograd.Function):
         return dq, dk, dvv, dbias, dw, None
 
 
-def _roundoff_estimate(phiq, xk, v, u, den, out, mode, proj, x_scale, shift_k, group, cdt) -> float:
+def _roundoff_estimate(phiq, xk, v, u, den, out, mode, proj, x_scale, shift_k, group, cdt, dead) -> float:
     """Estimated max abs FFT round-off error of ``out`` relative to rms(v), O(S m d_v) extra work.
 
     A product with the circulant of u, computed by FFT, errs per element by about eps |u|_2 |a|_2 for a channel
@@ -366,6 +374,7 @@ def _roundoff_estimate(phiq, xk, v, u, den, out, mode, proj, x_scale, shift_k, g
         nkv = nkv.repeat_interleave(group, dim=1)
     noise = (phiq @ nkv) * u.norm(dim=-1)[None, :, None, None]             # (B, H, N, d_v + 1)
     est = (noise[..., :-1] + out.abs() * noise[..., -1:]) / den[..., None]
+    est = est.masked_fill(dead[..., None], 0.0)        # fully masked rows are exact zeros, not FFT results
     scale = vc.square().mean().sqrt().clamp_min(torch.finfo(cdt).tiny)
     return float(est.max() / scale) * torch.finfo(cdt).eps
 
@@ -452,6 +461,12 @@ def kernelized_rpe_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     -------
     torch.Tensor
         out, (batch_size, num_heads, seqlen_q, head_dim_v), q's dtype, contiguous. Inputs are not modified.
+        A fully masked query row -- every ``rpe_bias`` entry it reads is -inf (all keys, or keys j <= i under
+        ``causal``), e.g. a whole head of -inf -- gets out = 0 exactly (as the fused attention ops return for
+        rows with no visible key; not 0/0 = NaN), with zero gradient through it; the other rows and their
+        gradients are unaffected and finite. Both backends (the masking is applied around the kernels), and
+        ``posattn.reference`` (``kernelized_rpe_direct`` / ``kernelized_rpe_fft`` / ``exact_rpe_attention``)
+        agree. NaN in rpe_bias is not a mask: it propagates.
 
     Raises
     ------

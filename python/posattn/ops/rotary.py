@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import _backends, ops_registry
 from .. import reference as _ref
-from .._checks import FLOAT_DTYPES, Dims, check_same, check_tensor, dtype_name
+from .._checks import FLOAT_DTYPES, Dims, check_no_overlap, check_same, check_tensor, dense_for_reading, dtype_name
 
 __all__ = ["apply_rotary"]
 
@@ -30,7 +30,7 @@ ops_registry.register("apply_rotary", "posattn.ops.rotary", _BACKENDS)
 def _rows(position_ids, batch, seqlen, device):
     """Table row of every token: (batch or 1, seqlen) int64."""
     if position_ids is None:
-        return torch.arange(seqlen, device=device).unsqueeze(0)
+        return torch.arange(seqlen, dtype=torch.int64, device=device).unsqueeze(0)
     return _pos2d(position_ids, seqlen).to(torch.int64)
 
 
@@ -140,7 +140,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     ----------
     x : Tensor (batch, seqlen, num_heads, head_dim)
         FlashAttention's ``apply_rotary_emb`` layout. float16, bfloat16 or float32 (float64 on
-        ``backend="torch"``); any strides.
+        ``backend="torch"``); any strides. With ``inplace=False`` an x whose elements share memory
+        (``expand``-ed or overlapping ``unfold``/``as_strided`` views) is read through a contiguous copy.
     cos, sin : Tensor (seqlen_ro, rotary_dim // 2)
         cos and sin of the angles (e.g. ``reference.rope_cos_sin(arange(seqlen_ro), inv_freq)``); same
         shape, same float dtype (any float dtype; upcast to fp32), same device as x.
@@ -153,8 +154,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     inplace : bool, default False
         True: write the result into ``x`` and return ``x`` (x is modified). With autograd active the result
         is computed into a new buffer and copied into x (the copy is recorded by autograd; x must not be
-        a leaf that requires grad, nor a view of one: ValueError). False: x is not modified; a new
-        contiguous tensor is returned.
+        a leaf that requires grad, nor a view of one: ValueError). x must not alias itself (no
+        ``expand``-ed or overlapping view: ValueError naming x; pass ``x.contiguous()``). False: x is not
+        modified; a new contiguous tensor is returned.
     backend : {"auto", "triton", "torch", "cuda"}
         "auto": Triton for CUDA tensors, torch for CPU tensors; never "cuda". "cuda": the CUDA C++
         kernel (``csrc/rope.cu`` via ``posattn._cuda.apply_rotary_cuda``; forward, and the backward of
@@ -171,7 +173,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         Non-tensors, unsupported dtypes (float64 with backend "triton" or "cuda"), cos/sin dtypes that
         differ, non-integer position_ids.
     ValueError
-        ``inplace=True`` on a leaf that requires grad (with autograd enabled);
+        ``inplace=True`` on a leaf that requires grad (with autograd enabled) or on an x whose elements
+        share memory (expanded / overlapping view);
         wrong ranks or shapes (cos vs sin, rotary_dim > head_dim, position_ids shape), a table too short
         for the tokens (``position_ids`` values outside [0, seqlen_ro), or seqlen_ro < seqlen without
         position_ids), tensors on different devices.
@@ -212,6 +215,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
                          f"torch.no_grad()")
     d = Dims()
     d.check("x", x, ("batch", "seqlen", "num_heads", "head_dim"))
+    if inplace:
+        check_no_overlap("x", x)   # torch refuses such a write opaquely, or the kernels write wrong values
     d.check("cos", cos, ("seqlen_ro", "rotary_dim/2"))
     d.check("sin", sin, ("seqlen_ro", "rotary_dim/2"))
     batch, seqlen, _, head_dim = x.shape
@@ -244,7 +249,7 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
     if inplace and not needs_grad:
         _launch(x, cos, sin, position_ids, interleaved, False, name, x)
         return x
-    src = x
+    src = x if inplace else dense_for_reading(x)   # overlapping views read densely (inplace: refused above)
     if inplace and (cos.requires_grad or sin.requires_grad):
         # the table gradients need x as it was; x is overwritten below, so the op saves a copy
         # (without it backward failed: "modified by an inplace operation"; tests/test_fuzz_rotary.py)

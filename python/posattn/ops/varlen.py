@@ -32,7 +32,7 @@ import torch
 from .. import ops_registry
 from .. import reference as _ref
 from .._backends import resolve
-from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_cu_seqlens, check_float, check_int,
+from .._checks import (FLOAT_DTYPES, Dims, check_bool, check_choice, check_cu_seqlens, check_float, check_int,
                        check_tensor, check_window, dtype_name)
 from .._memory import madvise_hugepage as _madvise_hugepage  # THP hint for fresh large CPU outputs
 
@@ -308,9 +308,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         raise ValueError(f"dropout_p: expected a float in [0, 1), got {dropout_p}")
     scale = check_float("softmax_scale", softmax_scale, allow_none=True)
     a.softmax_scale = a.head_dim ** -0.5 if scale is None else scale
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    a.causal = causal
+    a.causal = causal = check_bool("causal", causal)
     left, right = check_window("window_size", window_size)
     if causal:
         right = 0
@@ -321,9 +319,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         right = -1
     a.window_left, a.window_right = left, right
     a.softcap = check_float("softcap", softcap, minimum=0.0)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
-    a.deterministic = deterministic
+    a.deterministic = check_bool("deterministic", deterministic)
     spec = _pos.parse_position(position)
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=q.device)
@@ -475,8 +471,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     a = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                       causal, window_size, softcap, alibi_slopes, deterministic, position)
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
+    return_attn_probs = check_bool("return_attn_probs", return_attn_probs)
     # no GPU measurement yet: "auto" never picks the CUDA kernel (an explicit backend="cuda" does)
     candidates = ("triton", "torch") if backend == "auto" else ("triton", "cuda", "torch")
     which = resolve(backend, q.device, supported=candidates, op="varlen_attention")
