@@ -146,8 +146,13 @@ def _eco_module_case(data, backend):
         v64 = v.detach().double()
         ref = R.ecoformer_pairwise(codes.detach().double(), codes.detach().double(), v64, causal=causal,
                                    key_padding_mask=mask, form=form)
-        y64 = ref.transpose(1, 2).reshape(B, L, E) @ layer.out_proj.weight.double().T + layer.out_proj.bias.double()
-    check_close(y, y64, torch.float32, name="module vs float64 reference")
+        o64 = ref.transpose(1, 2).reshape(B, L, E)
+        y64 = o64 @ layer.out_proj.weight.double().T + layer.out_proj.bias.double()
+        # the output projection sums E terms in fp32: its round-off is relative to sum |o_e W_fe| + |b_f|, not to
+        # |y_f| (deep profile 2026-11-30: 'ties' values, E = 8, y cancelling to rms 0.36: 1.97e-5 > 1e-5 relative
+        # to |y|; tests/test_regressions.py::test_ecoformer_module_output_projection_cancellation)
+        terms = (o64.abs() @ layer.out_proj.weight.double().abs().T + layer.out_proj.bias.double().abs()).norm()
+    check_close(y, y64, torch.float32, name="module vs float64 reference", scale=terms.item())
 
 
 def _hash_case(data):

@@ -442,3 +442,31 @@ def test_rope_far_positions_error_is_the_documented_fp32_angle_error(start):
     q64, k64, v64 = q.double(), k.double(), v.double()
     err64 = (posattn.scaled_dot_product_attention(q64, k64, v64, position=p, backend="torch") - want).abs().max()
     assert err64 <= 1e-12, err64
+
+
+# Deep profile 2026-11-30, after the break-it fixes: apply_rotary(inplace=True) on an empty x (seqlen 0, batch 2)
+# whose strides come out (0, 2, 0, 1) raised "x: is written in place, so its elements must not share memory":
+# _checks.may_overlap judged the stride-0 batch dim without noticing that the tensor has no element at all.
+def test_apply_rotary_inplace_on_empty_x_with_stride_zero_dims():
+    x = torch.empty(2, 0, 1, 2).as_strided((2, 0, 1, 2), (0, 2, 0, 1))
+    cos, sin = torch.rand(4, 1), torch.rand(4, 1)
+    out = posattn.apply_rotary(x, cos, sin, inplace=True)
+    assert out.shape == (2, 0, 1, 2)
+
+
+# Deep profile 2026-11-30 (EcoFormerAttention, torch, after 4,089 examples): seed 424, 1 head, head_dim 8, batch 2,
+# seqlen 2, 64 bits, 1 anchor, 'consistent', fitted hash, right padding, 'ties' values: the module's output vs the
+# float64 reference 1.97e-5 > 1e-5 relative to |y|. The output projection sums E = 8 fp32 products that cancel
+# (rms |y| 0.36): its round-off is relative to sum |o W| + |b|, which tests/test_fuzz_modules.py now uses as the
+# norm floor. This replays the example: DidNotReproduce means it ran and passed.
+def test_ecoformer_module_output_projection_cancellation():
+    from hypothesis import given, reproduce_failure, strategies as st
+    from hypothesis.errors import DidNotReproduce
+    import test_fuzz_modules as M
+
+    @reproduce_failure("6.155.2", b"AEIBqEEBQQJBAkECQQRBAQBBAEEDQQFBAkEB")
+    @given(data=st.data())
+    def case(data):
+        M._eco_module_case(data, "torch")
+    with pytest.raises(DidNotReproduce):
+        case()

@@ -144,6 +144,8 @@ def may_overlap(t: torch.Tensor) -> bool:
     by stride, must each step past the whole extent of the smaller ones (stride 0 on a dim of size > 1, as
     from ``expand``, and overlapping windows, as from ``unfold`` or ``as_strided``, fail it). Conservative:
     a layout it cannot prove free of overlap counts as overlapping."""
+    if t.numel() <= 1:                  # nothing to share (an empty tensor may carry any strides)
+        return False
     dims = sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1)
     extent = 1
     for st, sz in dims:
