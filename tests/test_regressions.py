@@ -455,16 +455,20 @@ def test_apply_rotary_inplace_on_empty_x_with_stride_zero_dims():
 
 
 # Deep profile 2026-11-30 (EcoFormerAttention, torch, after 4,089 examples): seed 424, 1 head, head_dim 8, batch 2,
-# seqlen 2, 64 bits, 1 anchor, 'consistent', fitted hash, right padding, 'ties' values: the module's output vs the
-# float64 reference 1.97e-5 > 1e-5 relative to |y|. The output projection sums E = 8 fp32 products that cancel
-# (rms |y| 0.36): its round-off is relative to sum |o W| + |b|, which tests/test_fuzz_modules.py now uses as the
-# norm floor. This replays the example: DidNotReproduce means it ran and passed.
-def test_ecoformer_module_output_projection_cancellation():
+# seqlen 2, 64 (then 70) bits, 1 anchor, 'consistent', fitted hash, right padding, 'ties' values: the module's output
+# vs the float64 reference 1.97e-5 (1.18e-5) > 1e-5 relative to |y|. Not a bug: fp32 round-off relative to the
+# terms summed. The op's linear form computes out_i = [h_i^T S + (b+1) s] / [h_i^T z + (b+1) n]: for a query whose
+# one visible key has the opposite code, h_i^T S = -b v_j and (b+1) v_j cancel to v_j, so the op alone is off by
+# 2.7e-5 relative (~b eps); the output projection's E = 8 products cancel again (rms |y| 0.36).
+# tests/test_fuzz_modules.py now measures against that magnitude (sum (2b+1)|v_j| / den_i through |W|). This replays
+# both examples: DidNotReproduce means they ran and passed.
+@pytest.mark.parametrize("blob", [b"AEIBqEEBQQJBAkECQQRBAQBBAEEDQQFBAkEB", b"AEIBqEEBQQJBAkECQQVBAQBBAEEDQQFBAkEB"])
+def test_ecoformer_module_output_projection_cancellation(blob):
     from hypothesis import given, reproduce_failure, strategies as st
     from hypothesis.errors import DidNotReproduce
     import test_fuzz_modules as M
 
-    @reproduce_failure("6.155.2", b"AEIBqEEBQQJBAkECQQRBAQBBAEEDQQFBAkEB")
+    @reproduce_failure("6.155.2", blob)
     @given(data=st.data())
     def case(data):
         M._eco_module_case(data, "torch")
