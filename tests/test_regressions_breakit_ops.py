@@ -1,7 +1,6 @@
 """Regressions from the break-it pass over decode, rotary, scheduling, kernelized RPE and the nn modules: the
 cases where a result (not an error) is expected. Each compares with ``posattn.reference`` in float64 on fresh
 random inputs. The refused inputs of the same pass are in tests/test_bad_inputs.py."""
-import time
 import warnings
 
 import numpy
@@ -97,13 +96,12 @@ def test_rotary_not_inplace_on_expanded_x_gradient():
 
 
 def test_lean_schedule_bounded_and_extra_ctas_empty():
-    t0 = time.perf_counter()
+    # rejected up front (before any tile is built: these used to run for minutes)
     for call in (lambda: S.lean_schedule([100, 5], num_heads_k=2, block_n=16, num_ctas=10**9),
                  lambda: S.lean_schedule([10**12], num_heads_k=1, block_n=16),
                  lambda: S.single_schedule([10**12], num_heads_k=1, block_n=16)):
         with pytest.raises(ValueError):
             call()
-    assert time.perf_counter() - t0 < 5
     # num_ctas above the tiles (documented): the extra CTAs are empty
     s = S.lean_schedule([100, 5], num_heads_k=2, block_n=16, num_ctas=S.MAX_CTAS)
     assert s.num_tiles == 16 and sum(s.loads()) == 16 and s.loads().count(0) == S.MAX_CTAS - 16

@@ -11,8 +11,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import Dims, check_choice, check_float, check_int, check_tensor
-from ._flags import check_flag
+from .._checks import Dims, check_bool, check_choice, check_float, check_int, check_tensor
 from ..ops.ecoformer import FORMS, ecoformer_attention, ecoformer_pack_bits
 
 __all__ = ["KernelizedHash", "EcoFormerAttention"]
@@ -238,11 +237,9 @@ class KernelizedHash(nn.Module):
         if B == 0:
             raise ValueError(f"x: fit needs at least one batch element (its tokens train the hash), got batch 0 "
                              f"(shape {tuple(x.shape)})")
-        keep = torch.ones(B, N, dtype=torch.bool, device=x.device)
-        if key_padding_mask is not None:
-            check_tensor("key_padding_mask", key_padding_mask, dtypes=(torch.bool,), ndim=2, device=x.device)
-            dims.check("key_padding_mask", key_padding_mask, ("batch_size", "seqlen"))
-            keep = ~key_padding_mask
+        keep = self._keep(x, key_padding_mask)
+        if keep is None:
+            keep = torch.ones(B, N, dtype=torch.bool, device=x.device)
         if attn_similarity is not None:
             check_tensor("attn_similarity", attn_similarity, dtypes=_FLOATS, ndim=(3, 4), device=x.device)
             if attn_similarity.dim() == 4:
@@ -356,7 +353,7 @@ class EcoFormerAttention(nn.Module):
         if embed_dim % num_heads:
             raise ValueError(f"num_heads: expected a divisor of embed_dim={embed_dim}, got {num_heads}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.causal = check_flag("causal", causal)
+        self.causal = check_bool("causal", causal)
         self.form = check_choice("form", form, FORMS)
         self.topk = check_int("topk", topk, minimum=1)
         self.backend = backend

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_int, check_tensor
-from ._flags import check_flag
+from .._checks import check_bool, check_int, check_tensor
 from ..ops.kernelized_rpe import FEATURE_MAPS, default_num_features, draw_projection, kernelized_rpe_attention
 
 __all__ = ["KernelizedRPEAttention"]
@@ -96,7 +95,7 @@ class KernelizedRPEAttention(nn.Module):
             redraw_interval = check_int("redraw_interval", redraw_interval, minimum=0)
         self.embed_dim, self.num_heads, self.num_heads_k = embed_dim, num_heads, num_heads_k
         self.head_dim = embed_dim // num_heads
-        causal, normalize_qk = check_flag("causal", causal), check_flag("normalize_qk", normalize_qk)
+        causal, normalize_qk = check_bool("causal", causal), check_bool("normalize_qk", normalize_qk)
         self.feature_map, self.causal, self.normalize_qk = feature_map, causal, normalize_qk
         self.redraw_interval, self.orthogonal, self.backend = redraw_interval, orthogonal, backend
         fk = dict(device=device, dtype=dtype)
