@@ -4,10 +4,19 @@
 # and write the CSV, markdown tables, a plot and logs to $OUT (or the folder given as an argument).
 #
 #   bash bench/gpu_check.sh [OUT_DIR] [--dry-run] [--budget SECONDS] [--no-build] [--no-tests] [--with-ab]
+#                           [--deep-fuzz N]
 #
 # --with-ab: also bench/bench_config_ab.py (60 s taken from the flash sweep): head_dim 256 learned-phase
 # backward in the shipped sm_90 config (wgmma, 29 / 11 LDL spilled outside loops) vs a spill-free one
 # (32-row / 32-key programs on mma.sync); the faster one should become BWD_CONFIGS[(256, "phases")].
+#
+# --deep-fuzz N: after gpu_tests, a stage (cap 120 s, taken from the benchmarks' time) running the CUDA C++
+# backends' property-based fuzz tests (tests/test_fuzz_cuda.py, gpu-marked) under the deep hypothesis profile
+# with N examples per test (POSATTN_FUZZ_EXAMPLES=N), random seeds, the example database in OUT_DIR/hyp (a
+# failing example found there is replayed first by the next run with the same OUT_DIR). The tests run the
+# most intricate kernels first (decode, varlen, ecoformer, rotary, unpad, pad); where N examples do not fit
+# the cap, the stage is interrupted (SIGINT) 15 s before it, so pytest still prints the failures and the
+# statistics of what ran. The ci count of those tests already runs in gpu_tests.
 #
 # Everything runs under one deadline (--budget, default 480 s = 8 minutes): each stage gets at most
 # its own cap and never more than what is left, and the benchmark stages pass the time left to
@@ -15,14 +24,16 @@
 # table still comes out). --dry-run prints every stage with its cap and the benchmark rows it would
 # run (`--list`, no device touched), and runs nothing.
 #
-# Outputs in OUT_DIR: env.log, build.log, gpu_tests.log, ceilings.json, config_ab.json, bench.csv (all rows, with
-# device, versions and git sha), models.md, flash.md, flash.png, gpu_results.md (the README section).
+# Outputs in OUT_DIR: env.log, build.log, gpu_tests.log, fuzz_cuda.log and hyp/ (the hypothesis example
+# database; both with --deep-fuzz), ceilings.json, config_ab.json, bench.csv (all rows, with device, versions
+# and git sha), models.md, flash.md, flash.png, gpu_results.md (the README section).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 BUILD=1
 TESTS=1
 AB=0
+DEEP_FUZZ=0
 BUDGET=480
 OUT_DIR="${OUT:-bench/results}"
 while [ $# -gt 0 ]; do
@@ -32,6 +43,10 @@ while [ $# -gt 0 ]; do
     --no-tests) TESTS=0 ;;
     --with-ab) AB=1 ;;
     --budget) BUDGET="$2"; shift ;;
+    --deep-fuzz) DEEP_FUZZ="${2:-}"; shift
+      case "$DEEP_FUZZ" in ''|*[!0-9]*|0)
+        echo "--deep-fuzz: expected a positive number of examples per test, got '$DEEP_FUZZ'" >&2; exit 2 ;;
+      esac ;;
     *) OUT_DIR="$1" ;;
   esac
   shift
@@ -69,6 +84,13 @@ if [ "$BUILD" = 1 ]; then
       python -m pip install -q --no-deps --no-build-isolation -e .
 fi
 [ "$TESTS" = 1 ] && run 90 gpu_tests python -m pytest -q -m gpu --no-header -p no:cacheprovider --maxfail=5
+if [ "$DEEP_FUZZ" -gt 0 ]; then
+  # SIGINT 15 s before the stage's time is up (then SIGKILL 10 s later): pytest reports what ran so far
+  FZ=$(left); [ "$FZ" -gt 120 ] && FZ=120; FZ=$(( FZ - 15 )); [ "$FZ" -lt 1 ] && FZ=1
+  run 120 fuzz_cuda timeout -s INT -k 10 "$FZ" env POSATTN_FUZZ_EXAMPLES="$DEEP_FUZZ" \
+      HYPOTHESIS_STORAGE_DIRECTORY="$OUT_DIR/hyp" python -m pytest -p no:cacheprovider tests/test_fuzz_cuda.py -m gpu \
+      --hypothesis-profile=deep --hypothesis-show-statistics -q
+fi
 run 20  ceilings python bench/ceilings.py --out "$OUT_DIR/ceilings.json"
 if [ "$DRY" = 1 ]; then
   echo "== models rows:"; "${MODELS[@]}" --device cuda --list | sed 's/^/   /'

@@ -11,8 +11,8 @@ Checked: out (and lse when returned) vs the reference; the cache update is exact
 by the shared formula and rounded to the cache dtype, and v, at indices cache_seqlens[b] + t of the cache row /
 pages of sequence b) and nothing else in either cache changes, bit for bit; cache slots that are not valid keys
 (past cache_seqlens + new, before cache_leftpad, unused pages, other cache rows) hold NaN/inf and must not change
-the result; q, k, v, tables, slopes and the index tensors are bit-identical afterwards. The CUDA backend cannot
-run here (no GPU) and is not fuzzed.
+the result; q, k, v, tables, slopes and the index tensors are bit-identical afterwards. The CUDA backend is
+fuzzed on a GPU by tests/test_fuzz_cuda.py; not yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest

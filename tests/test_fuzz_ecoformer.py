@@ -7,8 +7,8 @@ int64 words, num_bits from 1 to 100 (not a multiple of the word size, and exactl
 
 Keys no query can see (padded keys; with causal, keys past the last query) hold NaN/inf in v: the output and the
 gradients must not change and stay finite ("reference-code" reads v_i of every query position by its formula,
-so only keys past seqlen_q are poisoned there). Inputs are bit-identical afterwards. The CUDA backend cannot run
-here (no GPU) and is not fuzzed.
+so only keys past seqlen_q are poisoned there). Inputs are bit-identical afterwards. The CUDA backend is fuzzed
+on a GPU by tests/test_fuzz_cuda.py; not yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest

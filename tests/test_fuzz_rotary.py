@@ -5,7 +5,8 @@ head_dim, interleaved or not, position_ids None / (seq,) / (1, seq) / (batch, se
 order, repeats), cos/sin tables of every float dtype and strided, value regimes; forward, gradients of x and of
 cos/sin (when they require grad). ``inplace=True`` must give the bits of the out-of-place call, return x itself
 and write nothing outside x's view (the NaN gaps of the storage stay as they were); ``inplace=False`` must not
-modify x and returns a contiguous tensor. The CUDA backend cannot run here (no GPU) and is not fuzzed.
+modify x and returns a contiguous tensor. The CUDA backend is fuzzed on a GPU by tests/test_fuzz_cuda.py; not
+yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest

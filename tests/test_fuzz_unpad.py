@@ -1,11 +1,12 @@
 """Property-based fuzzing of posattn.unpad_input / pad_input (the torch path; the CUDA C++ index and row kernels
-cannot run here: no GPU) against reference.unpad_input / pad_input: random 0/1 masks (all-zero and all-one rows,
-left/right padding, holes) in every accepted mask dtype, batch 0/1/many, seqlen 0/1/many, hidden states of
-any float (and integer) dtype, trailing shape and layout. Everything is exact (a gather and a scatter): packed
-rows, indices (int64, strictly increasing), cu_seqlens (int32, from 0), max_seqlen (a Python int), seqused
-(int32); pad(unpad(x)) == where(mask, x, 0) bit for bit, with NaN/inf in the padded positions (never read into
-a result); pad_input with any distinct indices (any order, int32 or int64); gradients through both (a scatter
-and a gather of dout, exactly). Inputs are bit-identical afterwards.
+are fuzzed on a GPU by tests/test_fuzz_cuda.py; not yet run on a GPU) against reference.unpad_input /
+pad_input: random 0/1 masks (all-zero and all-one rows, left/right padding, holes) in every accepted mask
+dtype, batch 0/1/many, seqlen 0/1/many, hidden states of any float (and integer) dtype, trailing shape and
+layout. Everything is exact (a gather and a scatter): packed rows, indices (int64, strictly increasing),
+cu_seqlens (int32, from 0), max_seqlen (a Python int), seqused (int32); pad(unpad(x)) == where(mask, x, 0) bit
+for bit, with NaN/inf in the padded positions (never read into a result); pad_input with any distinct indices
+(any order, int32 or int64); gradients through both (a scatter and a gather of dout, exactly). Inputs are
+bit-identical afterwards.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import torch

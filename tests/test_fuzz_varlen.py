@@ -4,7 +4,8 @@ and block boundaries side by side, seqlen_q != seqlen_k per sequence, GQA, causa
 (per head or per sequence), positional encodings with per-token data (RoPE position_ids over total_k, learned
 phases (1, heads, total_k)), dtypes, layouts, value regimes; out, lse and gradients. Rows past
 cu_seqlens[-1] hold NaN/inf: their output must be 0, lse -inf, gradient 0, and nothing else may change.
-Inputs are bit-identical afterwards.
+Inputs are bit-identical afterwards. The CUDA backend (the short-sequence forward) is fuzzed on a GPU by
+tests/test_fuzz_cuda.py; not yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest
