@@ -78,6 +78,75 @@ def _paged_shared(**over):
     return a
 
 
+def _kv_out_sharing(name):
+    """_kv() with ``out`` and the argument ``name`` carved from one buffer (overlapping, valid values); name None:
+    ``out`` alone (the caller adds what shares it)."""
+    a = _kv()
+    out = torch.zeros(2, 1, 4, 16)
+    flat, ints = out.view(-1), out.view(i32).view(-1)
+    if name == "q":
+        a["q"] = out.view(2, 1, 4, 16)                            # the same memory, another tensor object
+    elif name in ("k_cache", "v_cache"):
+        a[name] = torch.zeros(2, 8, 2, 16)
+        out = a[name].view(-1)[128:256].view(2, 1, 4, 16)         # slots 4-7 of cache row 0
+    elif name == "k":
+        a["k"] = out[:, :, 2:]                                    # (2, 1, 2, 16): heads 2-3 of out
+    elif name == "rotary_cos":
+        a["rotary_cos"], a["rotary_sin"] = flat[64:128].view(8, 8), r(8, 8)
+    elif name == "alibi_slopes":
+        a["alibi_slopes"] = flat[60:64]
+    elif name == "cache_seqlens":
+        ints[6:8] = torch.tensor([3, 5], dtype=i32)               # int32 inside a float32 buffer
+        a["cache_seqlens"] = ints[6:8]
+    elif name == "cache_batch_idx":
+        ints[10:12] = torch.tensor([1, 0], dtype=i32)
+        a["cache_batch_idx"] = ints[10:12]
+    a["out"] = out
+    return a
+
+
+def _kv_cache_sharing(cache, name):
+    """_kv() (appending) with the written ``cache`` sharing memory with the argument ``name``."""
+    a = _kv()
+    c = a[cache]                                                  # (2, 8, 2, 16); the appends hit slots 3 and 5
+    if name == "cache":                                           # both caches are one tensor
+        a["k_cache"] = a["v_cache"] = c
+    elif name == "packed_same_half":                              # a packed buffer, both caches its half 0
+        kv = r(2, 8, 2, 2, 16)
+        a["k_cache"], a["v_cache"] = kv[:, :, 0], kv[:, :, 0]
+    elif name == "q":
+        a["q"] = c.as_strided((2, 1, 4, 16), (256, 64, 16, 1))   # slots 0-1 of each row, read as q
+    elif name in ("k", "v"):
+        a[name] = c[:, 6:7]
+    elif name == "rotary_sin":
+        a["rotary_cos"], a["rotary_sin"] = r(8, 8), c[1, 4:8].reshape(-1)[:64].view(8, 8)
+    elif name == "alibi_slopes":
+        a["alibi_slopes"] = c[0, 7, 1, :4]
+    elif name == "block_table":                                   # a paged cache whose page ids live in it
+        a = _kv(k_cache=r(4, 4, 2, 16), v_cache=r(4, 4, 2, 16), cache_seqlens=_cu(2, 1))
+        ints = a[cache].view(i32).view(-1)
+        ints[-4:] = torch.tensor([0, 1, 2, 3], dtype=i32)
+        a["block_table"] = ints[-4:].view(2, 2)
+    elif name == "cache_leftpad":
+        ints = c.view(i32).view(-1)
+        ints[-2:] = torch.tensor([1, 2], dtype=i32)
+        a["cache_leftpad"] = ints[-2:]
+    return a
+
+
+def _rot_sharing(name):
+    """_rot() with x (written in place) sharing memory with cos, sin or position_ids."""
+    a = _rot()
+    flat = a["x"].view(-1)
+    if name == "position_ids":
+        ints = a["x"].view(i32).view(-1)
+        ints[-5:] = torch.arange(5, dtype=i32)
+        a["position_ids"] = ints[-5:]
+    else:
+        a[name] = flat[:32].view(8, 4) if name == "cos" else flat[100:132].view(8, 4)
+    return dict(a, inplace=True)
+
+
 def _codes(*shape):
     return torch.randint(0, 2, shape).float() * 2 - 1
 
@@ -238,6 +307,24 @@ CASES = [
      lambda: _kv(v_cache=r(2, 8, 2, 16).requires_grad_()), ValueError, "v_cache"),
     ("kvcache_block_table_shared_append_slot", F.flash_attn_with_kvcache, _paged_shared, ValueError, "block_table"),
     ("kvcache_num_ctas_huge", F.flash_attn_with_kvcache, lambda: dict(_kv(), num_ctas=10**9), ValueError, "num_ctas"),
+    # written tensors that share memory with another argument (exact test; packed kv halves are fine)
+    *[(f"kvcache_out_shares_{n}", F.flash_attn_with_kvcache, (lambda n=n: _kv_out_sharing(n)), ValueError,
+       f"^out: shares memory with {n}; the op writes out")
+      for n in ("q", "k_cache", "v_cache", "k", "rotary_cos", "alibi_slopes", "cache_seqlens", "cache_batch_idx")],
+    ("kvcache_out_shares_position_alibi_slopes", F.flash_attn_with_kvcache,
+     lambda: (lambda a: dict(a, position=ALiBi(a["out"].view(-1)[4:8])))(_kv_out_sharing(None)), ValueError,
+     r"^out: shares memory with position \(ALiBi slopes\)"),
+    ("kvcache_out_shares_v_cache_read_only", F.flash_attn_with_kvcache,
+     lambda: {n: t for n, t in _kv_out_sharing("v_cache").items() if n not in ("k", "v")}, ValueError,
+     "^out: shares memory with v_cache"),
+    ("kvcache_append_same_tensor_twice", F.flash_attn_with_kvcache, lambda: _kv_cache_sharing("k_cache", "cache"),
+     ValueError, "^k_cache: shares memory with v_cache"),
+    ("kvcache_append_packed_same_half", F.flash_attn_with_kvcache,
+     lambda: _kv_cache_sharing("k_cache", "packed_same_half"), ValueError, "^k_cache: shares memory with v_cache"),
+    *[(f"kvcache_append_{c}_shares_{n}", F.flash_attn_with_kvcache, (lambda c=c, n=n: _kv_cache_sharing(c, n)),
+       ValueError, f"^{c}: shares memory with {n}; the op writes {c}")
+      for c, n in (("k_cache", "q"), ("k_cache", "k"), ("v_cache", "v"), ("v_cache", "k"), ("k_cache", "rotary_sin"),
+                   ("v_cache", "alibi_slopes"), ("k_cache", "block_table"), ("v_cache", "cache_leftpad"))],
     # --- apply_rotary
     ("rotary_inplace_expanded_x", F.apply_rotary, lambda: dict(_rot(x=r(1, 5, 1, 8).expand(2, 5, 3, 8)), inplace=True),
      ValueError, "x"),
@@ -248,6 +335,8 @@ CASES = [
     ("rotary_table_too_short", F.apply_rotary, lambda: _rot(cos=r(4, 4), sin=r(4, 4)), ValueError, "cos"),
     ("rotary_position_ids_out_of_range", F.apply_rotary, lambda: dict(_rot(), position_ids=torch.tensor([0, 1, 2, 3, 8])),
      ValueError, "position_ids"),
+    *[(f"rotary_inplace_x_shares_{n}", F.apply_rotary, (lambda n=n: _rot_sharing(n)), ValueError,
+       f"^x: shares memory with {n}; the op writes x") for n in ("cos", "sin", "position_ids")],
     ("rotary_position_ids_float", F.apply_rotary, lambda: dict(_rot(), position_ids=torch.arange(5.0)), TypeError,
      "position_ids"),
     # --- kernelized RPE

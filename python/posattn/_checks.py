@@ -10,6 +10,7 @@ never ``assert``.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Iterable, Sequence
 
@@ -167,6 +168,226 @@ def dense_for_reading(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when elements may share memory: some of torch's fused CPU kernels read
     such views wrongly (an ``unfold``-ed q gave wrong attention and gradients, no error)."""
     return t.contiguous() if may_overlap(t) else t
+
+
+# ------------------------------------------------------------------------------------------------
+# memory shared between two tensors (an op that writes one of them must not read the other)
+# ------------------------------------------------------------------------------------------------
+# Nodes the exact search of ``_solve`` may visit before ``shares_memory`` falls back to marking bytes, and the
+# largest byte span that fallback allocates a marker buffer for (64 MiB of bools).
+SHARES_MEMORY_NODE_BUDGET = 20_000
+SHARES_MEMORY_MARKER_BYTES = 1 << 26
+
+
+class _OverBudget(Exception):
+    pass
+
+
+def _solve(terms: dict[int, tuple[int, int]], target: int, budget: int) -> bool | None:
+    """Is there an integer ``x_c`` in ``[lo_c, hi_c]`` for every coefficient ``c > 0`` of ``terms`` (``{c: (lo,
+    hi)}``) with ``sum c * x_c == target``? Exact; None when the search visited more than ``budget`` values.
+
+    Depth-first over the coefficients in decreasing order. At each level only values are tried that leave a
+    residual (1) inside the interval the remaining terms can reach (suffix min / max) and (2) divisible by the
+    gcd of the remaining coefficients (a linear congruence: one residue class, stepped through)."""
+    coefs = sorted(terms, reverse=True)
+    los = [terms[c][0] for c in coefs]
+    his = [terms[c][1] for c in coefs]
+    n = len(coefs)
+    smin, smax, sg = [0] * (n + 1), [0] * (n + 1), [0] * (n + 1)
+    for k in range(n - 1, -1, -1):
+        smin[k] = smin[k + 1] + coefs[k] * los[k]
+        smax[k] = smax[k + 1] + coefs[k] * his[k]
+        sg[k] = math.gcd(sg[k + 1], coefs[k])
+    if not smin[0] <= target <= smax[0] or (n and target % sg[0]):
+        return False
+    nodes = [0]
+
+    def search(k: int, r: int) -> bool:   # precondition: smin[k] <= r <= smax[k] and sg[k] | r
+        if k == n:
+            return r == 0
+        c = coefs[k]
+        # r - c x must lie in [smin[k+1], smax[k+1]]
+        xlo = max(los[k], -((smax[k + 1] - r) // c))        # ceil((r - smax) / c)
+        xhi = min(his[k], (r - smin[k + 1]) // c)           # floor((r - smin) / c)
+        g_rest = sg[k + 1]
+        if g_rest == 0:                                     # last term: c x == r exactly
+            if r % c:
+                return False
+            x = r // c
+            nodes[0] += 1
+            return xlo <= x <= xhi
+        g = math.gcd(c, g_rest)                             # == sg[k], divides r
+        m = g_rest // g                                     # c x == r (mod g_rest)  <=>  x == x0 (mod m)
+        if m == 1:
+            first, step = xlo, 1
+        else:
+            x0 = (r // g) * pow(c // g, -1, m) % m
+            first, step = xlo + (x0 - xlo) % m, m
+        for x in range(first, xhi + 1, step):
+            nodes[0] += 1
+            if nodes[0] > budget:
+                raise _OverBudget
+            if search(k + 1, r - c * x):
+                return True
+        return False
+
+    try:
+        return search(0, target)
+    except _OverBudget:
+        return None
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (tracing: no data pointer). Plain tensors answer without the (slower) private test."""
+    if type(t) in _PLAIN_TENSOR_TYPES:
+        return False
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+        return bool(is_fake(t))
+    except Exception:   # pragma: no cover - private API moved
+        return False
+
+
+def _marker_overlap(a, a0, b, b0) -> bool | None:
+    """Exact by marking: a bool per byte of the union span, set under a's elements, read under b's.
+    None when the span is over ``SHARES_MEMORY_MARKER_BYTES``."""
+    def view(t, start, buf):
+        es = t.element_size()
+        keep = [(n, st) for n, st in zip(t.shape, t.stride()) if n > 1 and st > 0]   # no stride-0 writes
+        return buf.as_strided([n for n, _ in keep] + [es], [st * es for _, st in keep] + [1], start)
+    lo = min(a0, b0)
+    hi = max(a0 + _extent(a) * a.element_size(), b0 + _extent(b) * b.element_size())
+    if hi - lo > SHARES_MEMORY_MARKER_BYTES:
+        return None
+    buf = torch.zeros(hi - lo, dtype=torch.bool)
+    view(a, a0 - lo, buf).fill_(True)
+    return bool(view(b, b0 - lo, buf).any())
+
+
+def _extent(t: torch.Tensor) -> int:
+    """Elements from the first to one past the last element of a non-empty strided tensor."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+_UNKNOWN = "unknown"   # _byte_span of a tensor whose memory cannot be located (sparse and other layouts)
+_UNSET = object()
+
+
+def _byte_span(t: torch.Tensor):
+    """(address space, first byte, one past the last byte) of t's elements; None when t holds no memory (empty,
+    meta); ``_UNKNOWN`` for sparse and other layouts. The address space is the device (data pointers), or
+    the storage while tracing (fake tensors have no data pointer: offsets within their storage)."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    if t.layout != torch.strided:
+        return _UNKNOWN
+    es = t.element_size()
+    try:
+        if _is_fake(t):
+            raise RuntimeError("no data pointer")
+        space, lo = t.device, t.data_ptr()
+    except RuntimeError:   # fake (or other data-less) tensors: positions within their storage
+        try:
+            space, lo = ("storage", t.untyped_storage()._cdata), t.storage_offset() * es
+        except Exception:
+            return _UNKNOWN
+    return space, lo, lo + _extent(t) * es
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor, *, budget: int | None = None, span_a=_UNSET,
+                   span_b=_UNSET) -> bool | None:
+    """``shares_memory`` with None for "could not decide" (span too large for the fallback, or a layout
+    other than strided). ``span_a`` / ``span_b``: ``_byte_span`` of a / b when the caller has it."""
+    sa = _byte_span(a) if span_a is _UNSET else span_a
+    sb = _byte_span(b) if span_b is _UNSET else span_b
+    if sa is None or sb is None or a.device != b.device:
+        return False
+    if sa is _UNKNOWN or sb is _UNKNOWN:
+        return None
+    (space_a, a0, a1), (space_b, b0, b1) = sa, sb
+    if space_a != space_b or a1 <= b0 or b1 <= a0:
+        return False
+    ea, eb = a.element_size(), b.element_size()
+    # Element i of a covers bytes [A, A + ea), element j of b [B, B + eb); they share one iff
+    # A - B in [-(ea - 1), eb - 1], i.e. sum_d i_d sa_d ea - sum_e j_e sb_e eb + y = b0 - a0 for some
+    # y = B - A in [-(eb - 1), ea - 1]. Terms with equal coefficients merge into one variable (a sum of integer
+    # intervals is an integer interval), so two views of one buffer with the same strides stay small.
+    terms: dict[int, tuple[int, int]] = {}
+
+    def add(c, lo, hi):
+        plo, phi = terms.get(c, (0, 0))
+        terms[c] = (plo + lo, phi + hi)
+    for n, st in zip(a.shape, a.stride()):
+        if n > 1 and st > 0:
+            add(st * ea, 0, n - 1)
+    for n, st in zip(b.shape, b.stride()):
+        if n > 1 and st > 0:
+            add(st * eb, -(n - 1), 0)
+    if ea > 1 or eb > 1:
+        add(1, -(eb - 1), ea - 1)
+    found = _solve(terms, b0 - a0, SHARES_MEMORY_NODE_BUDGET if budget is None else budget)
+    if found is None:
+        found = _marker_overlap(a, a0, b, b0)
+    return found
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Does some element of ``a`` occupy a byte that some element of ``b`` occupies? Exact for strided tensors.
+
+    Unlike ``torch._C._overlaps`` (a test of the two byte intervals), interleaved views of one buffer are told
+    apart: ``kv[:, :, 0]`` and ``kv[:, :, 1]`` of a packed ``kv`` share no memory, ``x[::2]`` and ``x[1::2]``
+    neither. Empty tensors, tensors on different devices and meta tensors share nothing; different dtypes
+    (element sizes) and misaligned views are handled byte by byte.
+
+    Method: disjoint byte ranges answer at once; otherwise the question is whether ``sum c_k x_k == delta``
+    has integer solutions with each ``x_k`` in a range (one term per stride in bytes, the strides of ``b``
+    negated, terms of equal stride merged, plus a slack term for the element sizes). A gcd test, then a
+    depth-first search over the terms in decreasing order that tries only values keeping the residual
+    reachable by the remaining terms (interval bounds and a congruence): a handful of values per level for
+    ordinary (nested-stride) layouts. Past ``SHARES_MEMORY_NODE_BUDGET`` visited values it marks a's bytes in a
+    bool buffer over the union span and reads b's (exact, O(span)); when that span exceeds
+    ``SHARES_MEMORY_MARKER_BYTES`` (64 MiB) it cannot decide and returns True (conservative: "could not prove
+    them disjoint"). Non-strided layouts (sparse, ...) also return True. While tracing (fake tensors, no data
+    pointers) tensors of different storages share nothing and offsets within one storage are compared.
+    Cost: about 2 us for two tensors in different allocations, 10-15 us for the two halves of a packed
+    buffer (CPU, Python).
+    """
+    return _shares_memory(a, b) is not False
+
+
+def check_disjoint(written_name: str, written, others: dict, *, spans: dict | None = None) -> None:
+    """An op writes ``written`` in place and reads ``others`` ({name: tensor}): raise ValueError naming both
+    arguments when ``written`` shares memory with one of them (``shares_memory``). ``None`` and non-tensors
+    are skipped. ``spans``: a dict the caller keeps across several calls on the same live tensors (byte spans
+    by ``id``, computed once)."""
+    if not isinstance(written, torch.Tensor):
+        return
+    if spans is None:
+        spans = {}
+
+    def span(t):
+        key = id(t)
+        if key not in spans:
+            spans[key] = _byte_span(t)
+        return spans[key]
+    sa = span(written)
+    if sa is None:
+        return
+    for name, t in others.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        res = _shares_memory(written, t, span_a=sa, span_b=span(t))
+        if res is False:
+            continue
+        how = "shares memory with" if res else "may share memory with"
+        why = "" if res else (" (shares_memory could not prove them disjoint: a non-strided layout, or "
+                              "irregular strides over more than 64 MiB)")
+        raise ValueError(f"{written_name}: {how} {name}{why}; the op writes {written_name}, so it must not "
+                         f"alias any input: pass a separate tensor")
 
 
 def check_cu_seqlens(arg: str, cu: torch.Tensor, *, batch_size: int | None = None,

@@ -15,8 +15,8 @@ import torch
 
 from .. import _backends
 from .. import reference as _ref
-from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_float, check_int, check_no_overlap, check_same,
-                       check_tensor, check_window, dtype_name)
+from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_disjoint, check_float, check_int, check_no_overlap,
+                       check_same, check_tensor, check_window, dtype_name)
 from ..ops_registry import register
 from ..scheduling import MAX_CTAS
 
@@ -62,8 +62,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         be a multiple of num_heads_k (GQA/MQA: query head h reads kv head h // (num_heads // num_heads_k)).
         A cache that is written (k/v given, seqlen_new > 0) must not alias itself (no ``expand``-ed or
         overlapping view, e.g. a stride-0 shared prefix: ValueError naming it) and must not require
-        grad (ValueError: the write bypasses autograd). Reading an expanded cache without appending
-        is fine.
+        grad (ValueError: the write bypasses autograd). Nor may a written cache share memory with the
+        other cache or with q, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+        cache_leftpad, block_table or the ALiBi slopes (ValueError naming both arguments; the test is
+        exact, ``posattn._checks.shares_memory``): the two halves of one packed buffer, ``kv =
+        torch.empty(B, S, 2, H, D); k_cache, v_cache = kv[:, :, 0], kv[:, :, 1]``, share no element and
+        are fine. Reading an expanded cache without appending is fine, and so are a k_cache and
+        v_cache that alias each other (even one tensor passed twice) when nothing is appended.
     k, v : Tensor (batch_size, seqlen_new, num_heads_k, head_dim) or None
         New keys/values, appended at cache index ``cache_seqlens[b]`` (k after rotary when rotary is
         on). Both or neither.
@@ -156,7 +161,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raises ValueError naming ``schedule``.
     out : Tensor (batch_size, seqlen_q, num_heads, head_dim) or None (keyword)
         Output buffer (q's dtype and device), written in place and returned. Must not alias itself
-        (no ``expand``-ed / overlapping view) and must not require grad (ValueError naming ``out``).
+        (no ``expand``-ed / overlapping view), must not require grad (ValueError naming ``out``) and must
+        share no memory with any other tensor argument (q, k_cache, v_cache, k, v, the rotary tables,
+        cache_seqlens, cache_batch_idx, cache_leftpad, block_table, the ALiBi slopes: ValueError naming
+        ``out`` and that argument).
 
     Returns
     -------
@@ -172,7 +180,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache, cache_leftpad outside [0, cache_seqlens] (or with block_table or backend "cuda"),
         block_table entries out of range or a cache slot written by two sequences' appends, a
         written ``k_cache``/``v_cache`` or an ``out`` that aliases itself (expanded / overlapping
-        view) or requires grad, rotary tables too short, bad options, what backend
+        view) or requires grad, an ``out`` that shares memory with another tensor argument, a
+        written ``k_cache``/``v_cache`` that shares memory with the other cache or with a tensor
+        argument the op reads (the message names both), rotary tables too short, bad options, what backend
         "cuda" does not support (head_dim, softcap, window_size, cache layout, num_ctas or a
         schedule grid over the co-resident CTAs). Every check runs before any write: the cache
         is never written out of bounds.
@@ -389,7 +399,9 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         rope_inv = inv.float() if float(fac) == 1.0 else None
     else:
         rotary_dim = 0
+    alibi_read = ("alibi_slopes", alibi_slopes)   # what the aliasing checks compare (the caller's tensor)
     if alibi_obj is not None:
+        alibi_read = ("position (ALiBi slopes)", alibi_obj.slopes)
         alibi_slopes = alibi_obj.get_slopes(B, H, dev)
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, dtypes=(torch.float32,), ndim=(1, 2), device=dev)
@@ -399,8 +411,19 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
         check_same("out", out, "q", q)
         d.check("out", out, ("batch_size", "seqlen_q", "num_heads", "head_dim"))
         _check_writable("out", out)
+    # what the op writes must share no memory with what it reads (an exact test: the two halves of a packed
+    # kv buffer share none); a k_cache that is only read may alias v_cache
+    reads = {"q": q, "k": k, "v": v, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
+             "cache_seqlens": cache_seqlens, "cache_batch_idx": cache_batch_idx, "cache_leftpad": cache_leftpad,
+             "block_table": block_table, alibi_read[0]: alibi_read[1]}
+    spans = {}   # byte spans of the arguments, computed once for the checks below
+    if out is not None:
+        check_disjoint("out", out, {"k_cache": k_cache, "v_cache": v_cache, **reads}, spans=spans)
     else:
         out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
+    if s_new and B:   # the append writes both caches
+        check_disjoint("k_cache", k_cache, {"v_cache": v_cache, **reads}, spans=spans)
+        check_disjoint("v_cache", v_cache, reads, spans=spans)
     if backend == "cuda":   # argument checks first: they need no device
         _check_cuda_args(q, k_cache, v_cache, softcap, window_size, left, right)
     be = _backends.resolve(backend, dev, supported=_AUTO_BACKENDS if backend == "auto" else _BACKENDS,

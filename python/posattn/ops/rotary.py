@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import _backends, ops_registry
 from .. import reference as _ref
-from .._checks import FLOAT_DTYPES, Dims, check_no_overlap, check_same, check_tensor, dense_for_reading, dtype_name
+from .._checks import (FLOAT_DTYPES, Dims, check_disjoint, check_no_overlap, check_same, check_tensor,
+                       dense_for_reading, dtype_name)
 
 __all__ = ["apply_rotary"]
 
@@ -155,8 +156,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         True: write the result into ``x`` and return ``x`` (x is modified). With autograd active the result
         is computed into a new buffer and copied into x (the copy is recorded by autograd; x must not be
         a leaf that requires grad, nor a view of one: ValueError). x must not alias itself (no
-        ``expand``-ed or overlapping view: ValueError naming x; pass ``x.contiguous()``). False: x is not
-        modified; a new contiguous tensor is returned.
+        ``expand``-ed or overlapping view: ValueError naming x; pass ``x.contiguous()``) and must share
+        no memory with cos, sin or position_ids (ValueError naming x and that argument; an exact test,
+        ``posattn._checks.shares_memory``). False: x is not modified; a new contiguous tensor is returned.
     backend : {"auto", "triton", "torch", "cuda"}
         "auto": Triton for CUDA tensors, torch for CPU tensors; never "cuda". "cuda": the CUDA C++
         kernel (``csrc/rope.cu`` via ``posattn._cuda.apply_rotary_cuda``; forward, and the backward of
@@ -173,8 +175,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         Non-tensors, unsupported dtypes (float64 with backend "triton" or "cuda"), cos/sin dtypes that
         differ, non-integer position_ids.
     ValueError
-        ``inplace=True`` on a leaf that requires grad (with autograd enabled) or on an x whose elements
-        share memory (expanded / overlapping view);
+        ``inplace=True`` on a leaf that requires grad (with autograd enabled), on an x whose elements
+        share memory (expanded / overlapping view) or on an x that shares memory with cos, sin or
+        position_ids;
         wrong ranks or shapes (cos vs sin, rotary_dim > head_dim, position_ids shape), a table too short
         for the tokens (``position_ids`` values outside [0, seqlen_ro), or seqlen_ro < seqlen without
         position_ids), tensors on different devices.
@@ -241,6 +244,8 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
             if lo < 0 or hi >= seqlen_ro:
                 raise ValueError(f"position_ids: expected values in [0, seqlen_ro={seqlen_ro}) (rows of cos/sin), "
                                  f"got values in [{lo}, {hi}]")
+    if inplace:   # the write into x must not change what the op reads
+        check_disjoint("x", x, {"cos": cos, "sin": sin, "position_ids": position_ids})
     name = _backends.resolve(backend, x.device, supported=_AUTO_BACKENDS if backend == "auto" else _BACKENDS,
                              op="apply_rotary")
     if name in ("triton", "cuda") and x.dtype == torch.float64:
