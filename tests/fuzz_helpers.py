@@ -6,19 +6,25 @@ exact ties) and memory layouts (contiguous, permuted, storage offset, strided wi
 Kernels run inside ``poisoned_allocations()``: ``torch.empty`` & co. return NaN, so an output element a
 kernel forgets to write cannot pass. Results are compared with the float64 reference with the table of
 tests/tolerances.py (``check_close`` adds: no NaN anywhere, and +-inf exactly where the reference has it).
+Cases are built on CPU and copied to the device under test (``to_device``), so a seed draws the same values on
+every device; tests/test_fuzz_cuda.py runs the CPU fuzz files' case builders on a GPU that way.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+from unittest import mock
 
 import torch
 from hypothesis import strategies as st
 
+from posattn import _backends
 from posattn.positional import ALiBi, LearnedPhaseRoPE, RelativeBias, RoPE, T5Bias, URPE, XPos
 from tolerances import BWD, FWD
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 VALUE_KINDS = ("unit", "tiny", "large", "ties")
 LAYOUTS = ("contiguous", "permuted", "offset", "strided")
 _SCALE = {"unit": 1.0, "tiny": 1e-3, "large": 2.5}
@@ -67,6 +73,92 @@ def assert_unchanged(snap, **tensors):
         bits, stride, off = snap[n]
         assert t.stride() == stride and t.storage_offset() == off, f"{n}: layout changed"
         assert torch.equal(_bits(t), bits), f"{n}: the op modified its input"
+
+
+# ---------------------------------------------------------------------------------------------
+# devices: a case is built on CPU from the drawn seed, then copied to the device under test
+# ---------------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def on_device(device) -> torch.device:
+    """torch.device with an index ("cuda" -> "cuda:<current>"), so that ``t.device == device`` compares."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
+def to_device(t, device):
+    """``t`` on ``device`` with its strides, storage offset and the bytes around it (NaN gaps, offset prefix):
+    the whole storage is copied (detached). On t's own device (and for None): t itself."""
+    if t is None or t.device == device:
+        return t
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = t.detach().as_strided((n,), (1,), 0)
+    return flat.to(device).as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def same_layout_copy(t):
+    """A fresh copy of t with t's strides and storage offset (for probes that may write)."""
+    if t is None:
+        return None
+    n = t.untyped_storage().nbytes() // t.element_size()
+    flat = t.detach().as_strided((n,), (1,), 0).clone()
+    return flat.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+_POSITION_TENSORS = ("slopes", "table", "freqs", "position_ids")
+
+
+def position_to_device(position, device):
+    """(``position`` for ``device``, {id(tensor): its copy}): shallow copies of the encoding objects whose tensors
+    (ALiBi slopes, bias / URPE tables, learned phases, RoPE position_ids) are on another device, holding
+    ``to_device`` copies that keep requires_grad (a learnable table stays a leaf: map the reference's leaves
+    through the dict). The reference's objects are left as they are. On the tensors' own device: position."""
+    moved = {}
+    if position is None:
+        return None, moved
+    out = []
+    for p in (position if isinstance(position, list) else [position]):
+        names = [a for a in _POSITION_TENSORS
+                 if isinstance(getattr(p, a, None), torch.Tensor) and getattr(p, a).device != device]
+        if names:
+            p = copy.copy(p)
+            for a in names:
+                t = getattr(p, a)
+                moved[id(t)] = d = to_device(t, device).requires_grad_(t.requires_grad)
+                setattr(p, a, d)
+        out.append(p)
+    if not moved:
+        return position, moved
+    return (out if isinstance(position, list) else out[0]), moved
+
+
+# where the CUDA path stops on a machine without a GPU: posattn._cuda / _C ("no CUDA device", "must be a CUDA
+# tensor") or torch.cuda.device(cpu) ("Expected a cuda device")
+_DEVICE_ERRORS = ("no CUDA device", "must be a CUDA tensor", "Expected a cuda device")
+
+
+def cuda_probe(call):
+    """CPU self-check of a ``cuda=True`` case (tests/test_fuzz_cuda.py): it passes every host-side check of the
+    op's ``backend="cuda"`` path. ``call()`` runs the op with ``backend="cuda"`` on the case's CPU tensors
+    (copies of those it may write).
+
+    posattn._C is reported available for the call (``_backends.cuda_ext_available``), so the op resolves
+    ``backend="cuda"`` for CPU tensors and runs all its CUDA-path checks (dtype, head_dim, options, layouts,
+    schedule); it may then only stop where it reaches the device (``_DEVICE_ERRORS``) or return early (nothing
+    to launch). A ValueError / TypeError of the op means the builder drew a case the CUDA backend refuses.
+    Without posattn._C there is no CUDA path to probe."""
+    if _backends.load_C() is None:
+        return
+    with mock.patch.object(_backends, "cuda_ext_available", lambda device: True), torch.no_grad():
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - anything but a device error is a refusal
+            if not any(s in str(e) for s in _DEVICE_ERRORS):
+                raise AssertionError(f"backend='cuda' refuses this case: {type(e).__name__}: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------

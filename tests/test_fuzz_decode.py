@@ -12,7 +12,8 @@ by the shared formula and rounded to the cache dtype, and v, at indices cache_se
 pages of sequence b) and nothing else in either cache changes, bit for bit; cache slots that are not valid keys
 (past cache_seqlens + new, before cache_leftpad, unused pages, other cache rows) hold NaN/inf and must not change
 the result; q, k, v, tables, slopes and the index tensors are bit-identical afterwards. The CUDA backend is
-fuzzed on a GPU by tests/test_fuzz_cuda.py; not yet run on a GPU.
+fuzzed on a GPU by tests/test_fuzz_cuda.py with this file's case builder (``_decode_case(..., device,
+cuda=True)``); not yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest
@@ -22,23 +23,31 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (DTYPES, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close, heads, lse_floor,
-                          logit_cond, poisoned_allocations, snapshot, values)
+from fuzz_helpers import (CPU, DTYPES, HALF_DTYPES, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close,
+                          cuda_probe, heads, logit_cond, lse_floor, on_device, poisoned_allocations, same_layout_copy,
+                          snapshot, to_device, values)
 from hypothesis_profiles import examples
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _decode_case(data, backend):
+def _decode_case(data, backend, device=CPU, cuda=False):
+    """One decode case, built on CPU from the drawn seed and run on ``device`` (tensors copied with their layout,
+    NaN/inf in the invalid cache slots included). ``cuda``: only what the CUDA kernel (csrc/lean_decode.cu,
+    ops/decode.py ``_check_cuda_args``) accepts: fp16/bf16, head_dim 64/128/256, no softcap, no window but the
+    causal one, no cache_leftpad; rotary_dim = head_dim drawn more often; on a backend other than "cuda" the case
+    also goes through backend="cuda"'s host-side checks (``cuda_probe``)."""
+    device = on_device(device)
     triton = backend == "triton"
     draw = data.draw
     seed = draw(SEEDS, label="seed")
     gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(DTYPES), label="dtype")
+    dtype = draw(st.sampled_from(HALF_DTYPES if cuda else DTYPES), label="dtype")
     B = draw(st.integers(1, 3), label="batch")
     Sq = draw(st.sampled_from([1, 1, 2, 3, 5]), label="seqlen_q")
     H, Hk = draw(heads(4 if triton else 6), label="heads")
-    D = draw(st.sampled_from([16, 32, 24] if triton else [4, 8, 16, 40, 64]), label="head_dim")
+    D = draw(st.sampled_from([16, 32, 24] if triton else [64, 128, 256] if cuda else [4, 8, 16, 40, 64]),
+             label="head_dim")
     kind = draw(st.sampled_from(VALUE_KINDS), label="values")
     s_new = draw(st.sampled_from([None, None, 0, 1, 1, 2, 3]), label="seqlen_new")
     sn = s_new or 0
@@ -66,14 +75,15 @@ def _decode_case(data, backend):
     else:
         lens = [draw(st.one_of(st.sampled_from([0, capacity - sn]), st.integers(0, capacity - sn)))
                 for _ in range(B)]
-    use_leftpad = (not paged) and draw(st.booleans(), label="cache_leftpad")
+    use_leftpad = (not paged) and draw(st.just(False) if cuda else st.booleans(), label="cache_leftpad")
     pads = [draw(st.integers(0, L)) if draw(st.booleans()) else 0 for L in lens] if use_leftpad else [0] * B
     use_bidx = (not paged) and draw(st.booleans(), label="cache_batch_idx")
 
     # ---- options
     causal = draw(st.booleans(), label="causal")
-    window = draw(st.sampled_from([(-1, -1), (-1, -1), (0, -1), (3, -1), (2, 0), (-1, 2), (40, 1)]), label="window")
-    softcap = draw(st.sampled_from([0.0, 0.0, 1.5]), label="softcap")
+    window = draw(st.sampled_from([(-1, -1), (-1, -1), (-1, 0)] if cuda else
+                                  [(-1, -1), (-1, -1), (0, -1), (3, -1), (2, 0), (-1, 2), (40, 1)]), label="window")
+    softcap = draw(st.sampled_from([0.0] if cuda else [0.0, 0.0, 1.5]), label="softcap")
     scale = draw(st.sampled_from([None, 0.3]), label="softmax_scale")
     rot = draw(st.sampled_from(["none", "none", "tables", "rope"]), label="rotary")
     alibi = draw(st.sampled_from(["none", "none", "heads", "batch_heads", "object"]), label="alibi")
@@ -90,8 +100,7 @@ def _decode_case(data, backend):
     if paged:
         k_cache = values((num_blocks, page, Hk, D), dtype, kind, gen)
         v_cache = values((num_blocks, page, Hk, D), dtype, "unit" if kind == "tiny" else kind, gen)
-        perm = torch.randperm(num_blocks, generator=gen)[:B * max_blocks].reshape(B, max_blocks).to(torch.int32)
-        block_table = perm
+        block_table = torch.randperm(num_blocks, generator=gen)[:B * max_blocks].reshape(B, max_blocks).to(torch.int32)
         bidx = None
     else:
         Bc = B + (draw(st.integers(0, 2), label="extra_cache_rows") if use_bidx else 0)
@@ -126,27 +135,33 @@ def _decode_case(data, backend):
     rot_kw, ref_rot = {}, {}
     need = max(L - P for L, P in zip(lens, pads)) + sn + Sq + 1
     if rot != "none":
-        half = draw(st.integers(1, D // 2), label="rotary_dim_half")
+        half = draw(st.one_of(st.just(D // 2), st.integers(1, D // 2)) if cuda else st.integers(1, D // 2),
+                    label="rotary_dim_half")
         interleaved = draw(st.booleans(), label="rotary_interleaved")
         if rot == "tables":
             tdtype = draw(st.sampled_from(TABLE_DTYPES), label="table_dtype")
-            inv = R.rope_inv_freq(2 * half, draw(st.sampled_from([10000.0, 100.0])), dtype=torch.float64)
+            base = draw(st.sampled_from([10000.0, 500.0] if cuda else [10000.0, 100.0]))
+            inv = R.rope_inv_freq(2 * half, base, dtype=torch.float64)
             cos, sin = (t.to(tdtype) for t in R.rope_cos_sin(torch.arange(need + draw(st.integers(0, 3))), inv))
-            rot_kw = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
+            rot_kw = dict(rotary_cos=to_device(cos, device), rotary_sin=to_device(sin, device),
+                          rotary_interleaved=interleaved)
         else:
             rope = posattn.RoPE(draw(st.sampled_from([10000.0, 500.0])), rotary_dim=2 * half, interleaved=interleaved)
-            inv = rope.inv_freq(D, torch.device("cpu"), seqlen=max(L - P for L, P in zip(lens, pads)) + sn)
-            cos, sin = R.rope_cos_sin(torch.arange(need), inv)   # the op's fp32 angles
+            # the op's fp32 angles, computed on the op's device by the op's functions (cos/sin of a GPU may
+            # differ from the CPU's in the last bit; the appended k must match bit for bit)
+            inv = rope.inv_freq(D, device, seqlen=max(L - P for L, P in zip(lens, pads)) + sn)
+            cos, sin = (t.cpu() for t in R.rope_cos_sin(torch.arange(need, device=device), inv))
             rot_kw = dict(position=rope)
         ref_rot = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved)
-    slopes = None
+    slopes = slopes_d = None
     if alibi != "none":
         slopes = 0.02 + torch.rand((B, H) if alibi == "batch_heads" else (H,), generator=gen)
+        slopes_d = to_device(slopes, device)
         if alibi == "object":
-            obj = posattn.ALiBi(slopes)
+            obj = posattn.ALiBi(slopes_d)
             rot_kw["position"] = [rot_kw["position"], obj] if "position" in rot_kw else obj
         else:
-            rot_kw["alibi_slopes"] = slopes
+            rot_kw["alibi_slopes"] = slopes_d
 
     out_buf = None
     if out_kind == "buffer":
@@ -162,32 +177,8 @@ def _decode_case(data, backend):
     k_all = torch.cat([kc0.reshape(-1, Hk, D)[valid.reshape(-1)], k_new.reshape(-1, Hk, D)]) if k_new is not None \
         else kc0.reshape(-1, Hk, D)[valid.reshape(-1)]
     cond = logit_cond(q, k_all, scale, softcap=softcap)
-
-    snap = snapshot(q=q, k=k_new, v=v_new, cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor)
-                    else None, bidx=bidx, leftpad=leftpad, block_table=block_table, slopes=slopes,
-                    cos=ref_rot.get("rotary_cos") if rot == "tables" else None,
-                    sin=ref_rot.get("rotary_sin") if rot == "tables" else None)
-    with poisoned_allocations():
-        res = posattn.flash_attn_with_kvcache(
-            q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, cache_batch_idx=bidx,
-            cache_leftpad=leftpad, block_table=block_table, softmax_scale=scale, causal=causal, window_size=window,
-            softcap=softcap, num_splits=num_splits, return_softmax_lse=ret_lse, schedule=schedule, backend=backend,
-            num_ctas=num_ctas, out=out_buf, **rot_kw)
-    out, lse = res if ret_lse else (res, None)
-    if out_buf is not None:
-        assert out is out_buf, "out= is returned"
-    assert out.dtype == dtype and out.shape == (B, Sq, H, D)
-    check_close(out, ro, dtype, name="out", cond=cond)
-    if ret_lse:
-        assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
-        check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
-                    scale=lse_floor(rl))
-    assert_unchanged(snap, q=q, k=k_new, v=v_new, cache_seqlens=cache_seqlens if isinstance(cache_seqlens,
-                     torch.Tensor) else None, bidx=bidx, leftpad=leftpad, block_table=block_table, slopes=slopes,
-                     cos=ref_rot.get("rotary_cos") if rot == "tables" else None,
-                     sin=ref_rot.get("rotary_sin") if rot == "tables" else None)
-
-    # ---- the cache update: exactly the new k (rotated in fp32, rounded) and v at cache_seqlens[b] + t, nothing else
+    # the cache update: exactly the new k (rotated in fp32 by the shared formula, rounded) and v at
+    # cache_seqlens[b] + t, nothing else
     ek, ev = kc0.clone(), vc0.clone()
     if k_new is not None and sn:
         kn = k_new
@@ -204,8 +195,39 @@ def _decode_case(data, backend):
                 else:
                     blk, col = (b if bidx is None else int(bidx[b])), j
                 ek[blk, col], ev[blk, col] = kn[b, t], v_new[b, t]
-    assert torch.equal(_bits(k_cache), _bits(ek)), "k_cache: the append wrote the wrong values or other slots"
-    assert torch.equal(_bits(v_cache), _bits(ev)), "v_cache: the append wrote the wrong values or other slots"
+
+    q, k_cache, v_cache, k_new, v_new, bidx, leftpad, block_table, out_buf = (
+        to_device(t, device) for t in (q, k_cache, v_cache, k_new, v_new, bidx, leftpad, block_table, out_buf))
+    if isinstance(cache_seqlens, torch.Tensor):
+        cache_seqlens = to_device(cache_seqlens, device)
+
+    def call(backend, k_cache, v_cache, out):
+        return posattn.flash_attn_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, cache_batch_idx=bidx,
+            cache_leftpad=leftpad, block_table=block_table, softmax_scale=scale, causal=causal, window_size=window,
+            softcap=softcap, num_splits=num_splits, return_softmax_lse=ret_lse, schedule=schedule, backend=backend,
+            num_ctas=num_ctas, out=out, **rot_kw)
+
+    if cuda and backend != "cuda":
+        cuda_probe(lambda: call("cuda", *(same_layout_copy(t) for t in (k_cache, v_cache, out_buf))))
+    named = dict(q=q, k=k_new, v=v_new, cache_seqlens=cache_seqlens if isinstance(cache_seqlens, torch.Tensor)
+                 else None, bidx=bidx, leftpad=leftpad, block_table=block_table, slopes=slopes_d,
+                 cos=rot_kw.get("rotary_cos"), sin=rot_kw.get("rotary_sin"))
+    snap = snapshot(**named)
+    with poisoned_allocations():
+        res = call(backend, k_cache, v_cache, out_buf)
+    out, lse = res if ret_lse else (res, None)
+    if out_buf is not None:
+        assert out is out_buf, "out= is returned"
+    assert out.dtype == dtype and out.shape == (B, Sq, H, D) and out.device == device
+    check_close(out, ro, dtype, name="out", cond=cond)
+    if ret_lse:
+        assert lse.dtype == torch.float32 and lse.shape == (B, H, Sq)
+        check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
+                    scale=lse_floor(rl))
+    assert_unchanged(snap, **named)
+    assert torch.equal(_bits(k_cache.cpu()), _bits(ek)), "k_cache: the append wrote the wrong values or other slots"
+    assert torch.equal(_bits(v_cache.cpu()), _bits(ev)), "v_cache: the append wrote the wrong values or other slots"
 
 
 @given(data=st.data())

@@ -5,8 +5,8 @@ head_dim, interleaved or not, position_ids None / (seq,) / (1, seq) / (batch, se
 order, repeats), cos/sin tables of every float dtype and strided, value regimes; forward, gradients of x and of
 cos/sin (when they require grad). ``inplace=True`` must give the bits of the out-of-place call, return x itself
 and write nothing outside x's view (the NaN gaps of the storage stay as they were); ``inplace=False`` must not
-modify x and returns a contiguous tensor. The CUDA backend is fuzzed on a GPU by tests/test_fuzz_cuda.py; not
-yet run on a GPU.
+modify x and returns a contiguous tensor. The CUDA backend is fuzzed on a GPU by tests/test_fuzz_cuda.py with
+this file's case builder (``_rotary_case(..., device, cuda=True)``); not yet run on a GPU.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
 import pytest
@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close, grads,
-                          poisoned_allocations, snapshot, values, with_layout)
+from fuzz_helpers import (CPU, DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close, cuda_probe,
+                          grads, on_device, poisoned_allocations, same_layout_copy, snapshot, to_device, values,
+                          with_layout)
 from hypothesis_profiles import examples
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -44,20 +45,29 @@ def _worst(*dtypes):
     return max(dtypes, key=lambda d: order[d])
 
 
-def _rotary_case(data, backend):
+def _rotary_case(data, backend, device=CPU, cuda=False):
+    """One apply_rotary case, built on CPU from the drawn seed and run on ``device`` (tensors copied with their
+    layout, NaN gaps included). ``cuda``: only what the CUDA kernel (csrc/rope.cu) accepts, x in fp16/bf16/fp32
+    (no float64), with its code paths' sizes: odd head_dim (the scalar kernel), multiples of 8 up to 128 (the
+    16-byte vector kernel; rotary_dim = head_dim drawn more often), seqlen 33; on a backend other than "cuda" the
+    case also goes through backend="cuda"'s host-side checks (``cuda_probe``)."""
+    device = on_device(device)
     triton = backend == "triton"
     draw = data.draw
     seed = draw(SEEDS, label="seed")
     gen = torch.Generator().manual_seed(seed)
-    dtype = draw(st.sampled_from(DTYPES if triton else DTYPES + (torch.float64,)), label="dtype")
+    dtype = draw(st.sampled_from(DTYPES if triton or cuda else DTYPES + (torch.float64,)), label="dtype")
     B = draw(st.integers(1, 2 if triton else 3), label="batch")
     S = draw(st.sampled_from([0, 1, 2, 7, 9, 16, 17]) if triton else
-             st.one_of(st.sampled_from([0, 1, 8, 9]), st.integers(0, 40)), label="seqlen")
+             st.one_of(st.sampled_from([0, 1, 8, 9, 33] if cuda else [0, 1, 8, 9]), st.integers(0, 40)),
+             label="seqlen")
     H = draw(st.integers(1, 2 if triton else 4), label="heads")
-    D = draw(st.sampled_from([2, 5, 8, 16, 34] if triton else [1, 2, 3, 4, 5, 8, 16, 33, 64]), label="head_dim")
+    D = draw(st.sampled_from([2, 5, 8, 16, 34] if triton else [2, 3, 5, 8, 16, 33, 40, 64, 72, 128] if cuda else
+                             [1, 2, 3, 4, 5, 8, 16, 33, 64]), label="head_dim")
     if D < 2:
         D = 2
-    half = draw(st.integers(1, D // 2), label="rotary_dim_half")
+    half = draw(st.one_of(st.just(D // 2), st.integers(1, D // 2)) if cuda else st.integers(1, D // 2),
+                label="rotary_dim_half")
     interleaved = draw(st.booleans(), label="interleaved")
     kind = draw(st.sampled_from(VALUE_KINDS), label="values")
     layout = draw(st.sampled_from(LAYOUTS + ("bhsd",)), label="x_layout")
@@ -84,8 +94,8 @@ def _rotary_case(data, backend):
         cos, sin = with_layout(cos, "strided"), with_layout(sin, "strided")
     elif table_layout == "transposed":
         cos, sin = (t.t().contiguous().t() for t in (cos, sin))
-    cos.requires_grad_(table_grad)
-    sin.requires_grad_(table_grad)
+    c64, s64 = (t.detach().clone().double().requires_grad_(True) for t in (cos, sin))
+    cos, sin = to_device(cos, device).requires_grad_(table_grad), to_device(sin, device).requires_grad_(table_grad)
 
     ids = None
     if pos_kind != "none":
@@ -96,18 +106,20 @@ def _rotary_case(data, backend):
             buf = torch.full(tuple(ids.shape[:-1]) + (2 * S,), 2 ** 30, dtype=pos_dtype)
             buf[..., ::2] = ids
             ids = buf[..., ::2]
+    rows = torch.arange(S)[None] if ids is None else ids.long().reshape(1 if ids.dim() == 1 else ids.shape[0], S)
+    ids = to_device(ids, device)
 
     x0 = values((B, S, H, D), dtype, kind, gen)
-    xa = _x_layout(x0, layout)
+    xa = to_device(_x_layout(x0, layout), device)
 
     # float64 reference on the same (rounded) values
     x64 = x0.detach().clone().double().requires_grad_(True)
-    c64 = cos.detach().clone().double().requires_grad_(True)
-    s64 = sin.detach().clone().double().requires_grad_(True)
-    rows = torch.arange(S)[None] if ids is None else ids.long().reshape(1 if ids.dim() == 1 else ids.shape[0], S)
     ref = R.apply_rotary(x64, c64[rows].unsqueeze(2), s64[rows].unsqueeze(2), interleaved)
 
     kw = dict(interleaved=interleaved, position_ids=ids, backend=backend)
+    if cuda and backend != "cuda":
+        cuda_probe(lambda: posattn.apply_rotary(same_layout_copy(xa), cos.detach(), sin.detach(), inplace=inplace,
+                                                interleaved=interleaved, position_ids=ids, backend="cuda"))
     snap_t = snapshot(cos=cos, sin=sin, ids=ids)
     with poisoned_allocations():
         if not inplace:
@@ -120,12 +132,13 @@ def _rotary_case(data, backend):
         else:
             # out-of-place on a copy of the same layout: the bits inplace=True must reproduce
             with torch.no_grad():
-                expect = posattn.apply_rotary(_x_layout(x0, layout), cos.detach(), sin.detach(), **kw)
+                expect = posattn.apply_rotary(to_device(_x_layout(x0, layout), device), cos.detach(), sin.detach(),
+                                              **kw)
             if x_grad:
                 # autograd forbids writing into a leaf that requires grad: x is a non-leaf with x's layout,
                 # a copy of the leaf recorded by autograd (x = view.copy_(leaf)); gradients go to the leaf
-                leaf_x = x0.clone().requires_grad_(True)
-                xin = _x_layout(x0, layout)
+                leaf_x = x0.clone().to(device).requires_grad_(True)
+                xin = to_device(_x_layout(x0, layout), device)
                 before = _storage_bits(xin)
                 xin = xin.copy_(leaf_x)
                 wrt_x = leaf_x
@@ -138,18 +151,19 @@ def _rotary_case(data, backend):
             assert res is xin, "inplace=True returns x itself"
             assert torch.equal(_bits(res), _bits(expect)), "inplace=True differs from the out-of-place result"
             # nothing outside the view was written (the NaN gaps / offset prefix keep their bits)
-            outside = torch.ones(before.shape, dtype=torch.bool)
-            view_idx = torch.arange(before.numel()).as_strided(xin.shape, xin.stride(), xin.storage_offset())
+            outside = torch.ones(before.shape, dtype=torch.bool, device=before.device)
+            view_idx = torch.arange(before.numel(), device=before.device).as_strided(xin.shape, xin.stride(),
+                                                                                     xin.storage_offset())
             outside.view(-1)[view_idx.reshape(-1)] = False
             assert torch.equal(after_storage[outside], before[outside]), "inplace=True wrote outside x's view"
-        assert out.dtype == dtype and out.shape == (B, S, H, D)
+        assert out.dtype == dtype and out.shape == (B, S, H, D) and out.device == device
         check_close(out, ref, dtype, name="out")
         assert_unchanged(snap_t, cos=cos, sin=sin, ids=ids)
         inputs = [t for t in (wrt_x, cos, sin) if t is not None and t.requires_grad]
         if inputs:
             assert out.requires_grad, "out is detached from the inputs' graph"
             dout = values(out.shape, dtype, "unit", gen)
-            got = grads(out, inputs, dout)
+            got = grads(out, inputs, dout.to(device))
     if not inputs:
         return
     names = [n for n, t in (("dx", wrt_x), ("dcos", cos), ("dsin", sin)) if t is not None and t.requires_grad]
