@@ -10,7 +10,7 @@
 # backward in the shipped sm_90 config (wgmma, 29 / 11 LDL spilled outside loops) vs a spill-free one
 # (32-row / 32-key programs on mma.sync); the faster one should become BWD_CONFIGS[(256, "phases")].
 #
-# --deep-fuzz N: after gpu_tests, a stage (cap 120 s, taken from the benchmarks' time) running the CUDA C++
+# --deep-fuzz N: last, a stage (cap 120 s, kept from the benchmarks' time) running the CUDA C++
 # backends' property-based fuzz tests (tests/test_fuzz_cuda.py, gpu-marked) under the deep hypothesis profile
 # with N examples per test (POSATTN_FUZZ_EXAMPLES=N), random seeds, the example database in OUT_DIR/hyp (a
 # failing example found there is replayed first by the next run with the same OUT_DIR). The tests run the
@@ -84,6 +84,20 @@ if [ "$BUILD" = 1 ]; then
       python -m pip install -q --no-deps --no-build-isolation -e .
 fi
 [ "$TESTS" = 1 ] && run 90 gpu_tests python -m pytest -q -m gpu --no-header -p no:cacheprovider --maxfail=5
+run 20  ceilings python bench/ceilings.py --out "$OUT_DIR/ceilings.json"
+if [ "$DRY" = 1 ]; then
+  echo "== models rows:"; "${MODELS[@]}" --device cuda --list | sed 's/^/   /'
+  echo "== flash rows:";  "${FLASH[@]}" --device cuda --list | sed 's/^/   /'
+fi
+# kept from the benchmarks for the optional stages after them: --with-ab 60 s, --deep-fuzz 120 s
+AB_S=0; [ "$AB" = 1 ] && AB_S=60
+FZ_S=0; [ "$DEEP_FUZZ" -gt 0 ] && FZ_S=120
+T=$(left); M=$(( (T - 20 - AB_S - FZ_S) / 2 )); [ "$M" -lt 0 ] && M=0
+run "$(( M + 15 ))" bench_models "${MODELS[@]}" --max-seconds "$M"
+T=$(left); F=$(( T - 15 - AB_S - FZ_S )); [ "$F" -lt 0 ] && F=0
+run "$(( F + 15 ))" bench_flash "${FLASH[@]}" --max-seconds "$F"
+# head_dim 256 learned-phase backward: the shipped wgmma config (epilogue spills) vs the spill-free mma.sync one
+[ "$AB" = 1 ] && run 60 config_ab python bench/bench_config_ab.py --seqlen 2048 --out "$OUT_DIR/config_ab.json"
 if [ "$DEEP_FUZZ" -gt 0 ]; then
   # SIGINT 15 s before the stage's time is up (then SIGKILL 10 s later): pytest reports what ran so far
   FZ=$(left); [ "$FZ" -gt 120 ] && FZ=120; FZ=$(( FZ - 15 )); [ "$FZ" -lt 1 ] && FZ=1
@@ -91,18 +105,6 @@ if [ "$DEEP_FUZZ" -gt 0 ]; then
       HYPOTHESIS_STORAGE_DIRECTORY="$OUT_DIR/hyp" python -m pytest -p no:cacheprovider tests/test_fuzz_cuda.py -m gpu \
       --hypothesis-profile=deep --hypothesis-show-statistics -q
 fi
-run 20  ceilings python bench/ceilings.py --out "$OUT_DIR/ceilings.json"
-if [ "$DRY" = 1 ]; then
-  echo "== models rows:"; "${MODELS[@]}" --device cuda --list | sed 's/^/   /'
-  echo "== flash rows:";  "${FLASH[@]}" --device cuda --list | sed 's/^/   /'
-fi
-T=$(left); M=$(( (T - 20) / 2 )); [ "$M" -lt 0 ] && M=0
-run "$(( M + 15 ))" bench_models "${MODELS[@]}" --max-seconds "$M"
-AB_S=0; [ "$AB" = 1 ] && AB_S=60   # --with-ab: 60 s kept for the config A/B below
-T=$(left); F=$(( T - 15 - AB_S )); [ "$F" -lt 0 ] && F=0
-run "$(( F + 15 ))" bench_flash "${FLASH[@]}" --max-seconds "$F"
-# head_dim 256 learned-phase backward: the shipped wgmma config (epilogue spills) vs the spill-free mma.sync one
-[ "$AB" = 1 ] && run 60 config_ab python bench/bench_config_ab.py --seqlen 2048 --out "$OUT_DIR/config_ab.json"
 
 if [ "$DRY" = 0 ]; then
   {
