@@ -117,3 +117,108 @@ def test_rotary_inplace_with_tables_in_the_gaps_of_x(backend):
     res = posattn.apply_rotary(x, cos, sin, inplace=True, backend=backend)
     assert res is x and torch.equal(_bits(x), _bits(want))
     assert torch.equal(cos, tables[0]) and torch.equal(sin, tables[1])
+
+
+# ---- break-it pass on 8f6e06b
+def test_rotary_inplace_compiles_with_fullgraph():
+    """check_disjoint made Dynamo fail on apply_rotary(inplace=True) (no data pointers while tracing: 'Observed
+    exception'); fullgraph compiles worked before 8f6e06b. The check is skipped while Dynamo traces."""
+    cos, sin = R.rope_cos_sin(torch.arange(16), R.rope_inv_freq(16, dtype=torch.float32))
+
+    def f(x, c, s):
+        posattn.apply_rotary(x, c, s, inplace=True, backend="torch")
+        return x * 1
+
+    x = torch.randn(2, 5, 3, 16)
+    want = posattn.apply_rotary(x.clone(), cos, sin, backend="torch")
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(f, fullgraph=True, backend="eager")(x, cos, sin)
+    finally:
+        torch._dynamo.reset()
+    assert_close(got, want, torch.float32)
+    assert_close(x, want, torch.float32)
+
+
+def test_kvcache_aliasing_still_refused_under_compile():
+    """flash_attn_with_kvcache runs its aliasing checks eagerly under torch.compile (a graph break; the op breaks
+    the graph anyway to read cache_seqlens): an out that is q is refused, packed halves still work."""
+    g = _gen(10)
+    kv = _rn(g, 2, 8, 2, 2, 16)
+    q, k, v = _rn(g, 2, 1, 4, 16), _rn(g, 2, 1, 2, 16), _rn(g, 2, 1, 2, 16)
+    cs = torch.tensor([3, 5], dtype=torch.int32)
+
+    def f(q, kc, vc, k, v, out):
+        return posattn.flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=cs, out=out, backend="torch")
+
+    torch._dynamo.reset()
+    try:
+        fc = torch.compile(f, backend="eager")
+        with pytest.raises(ValueError, match=r"^out: shares memory with q"):
+            fc(q, kv[:, :, 0], kv[:, :, 1], k, v, q)
+        want, _ = R.kvcache_attention(q, kv[:, :, 0].clone(), kv[:, :, 1].clone(), cs, k=k, v=v)
+        got = fc(q, kv[:, :, 0], kv[:, :, 1], k, v, torch.empty(2, 1, 4, 16))
+    finally:
+        torch._dynamo.reset()
+    assert_close(got, want, torch.float32)
+
+
+def test_rotary_inplace_under_vmap():
+    """Under torch.func.vmap x is a BatchedTensor without a data pointer: the aliasing check called that 'may share
+    memory' and refused every call (it worked before 8f6e06b). It now compares the tensor the wrapper holds."""
+    cos, sin = R.rope_cos_sin(torch.arange(16), R.rope_inv_freq(16, dtype=torch.float32))
+    xs = torch.randn(3, 2, 5, 3, 16)
+    want = torch.stack([posattn.apply_rotary(x, cos, sin, backend="torch") for x in xs])
+    torch.func.vmap(lambda x: posattn.apply_rotary(x, cos, sin, inplace=True, backend="torch"))(xs)
+    assert_close(xs, want, torch.float32)
+    # and what does share memory is still refused, exactly: cos is the start of instance 2's x
+    tables = xs[2].reshape(-1)[:128].view(16, 8)
+    with pytest.raises(ValueError, match=r"^x: shares memory with cos; "):
+        torch.func.vmap(lambda x: posattn.apply_rotary(x, tables, sin, inplace=True, backend="torch"))(xs)
+
+
+def _negated(t):
+    """A float32 tensor equal to t, contiguous, whose memory holds -t: the negative bit of ``z.conj().imag`` kept
+    by an ``as_strided`` view (public API). Contiguous, so no ``.contiguous()`` on the way resolves it."""
+    w = torch.zeros(t.numel() + 1, dtype=torch.complex64).conj().imag      # negative bit, strides (2,)
+    r = w.as_strided(t.shape, torch.empty(t.shape).stride(), 1)              # unit strides over the floats
+    r.copy_(t)
+    assert r.is_neg() and r.is_contiguous() and torch.equal(r, t)
+    assert torch.equal(r.resolve_neg(), t) and torch.equal(torch.view_as_real(w._base.resolve_conj())
+                                                            .view(-1)[1:1 + t.numel()].view(t.shape), -t)
+    return r
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("which", ["q", "k_cache", "v_cache", "out", "rotary_cos", "alibi_slopes"])
+def test_kvcache_negative_bit_views(backend, which):
+    """The Triton kernel read (and wrote) the memory of a view with the negative bit set, not its values: a wrong
+    attention output, no error, for a negated q, k_cache, v_cache or out. They are resolved (read) or written
+    through a buffer and copy_ (out) now."""
+    g = _gen(12)
+    cos, sin = R.rope_cos_sin(torch.arange(16), R.rope_inv_freq(16, dtype=torch.float32))
+    a = dict(q=_rn(g, 2, 1, 4, 16), k_cache=_rn(g, 2, 8, 2, 16), v_cache=_rn(g, 2, 8, 2, 16),
+             out=torch.zeros(2, 1, 4, 16), rotary_cos=cos, rotary_sin=sin, alibi_slopes=torch.rand(4, generator=g))
+    k, v = _rn(g, 2, 1, 2, 16), _rn(g, 2, 1, 2, 16)
+    cs = torch.tensor([3, 5], dtype=torch.int32)
+    plain = {n: t.clone() for n, t in a.items()}
+    want = posattn.flash_attn_with_kvcache(k=k, v=v, cache_seqlens=cs, backend=backend, **plain)
+    a[which] = _negated(a[which])
+    got = posattn.flash_attn_with_kvcache(k=k, v=v, cache_seqlens=cs, backend=backend, **a)
+    assert torch.equal(got, want)
+    assert torch.equal(a["k_cache"], plain["k_cache"]) and torch.equal(a["v_cache"], plain["v_cache"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rotary_inplace_negative_bit_tables(backend):
+    """apply_rotary(inplace=True) launches the Triton kernel directly (no dispatcher to resolve a negative bit):
+    negated cos and sin (equal strides, so no copy on the way) rotated the wrong way, silently."""
+    cos, sin = R.rope_cos_sin(torch.arange(16), R.rope_inv_freq(16, dtype=torch.float32))
+    x = torch.randn(2, 5, 3, 16)
+    want = posattn.apply_rotary(x.clone(), cos, sin, backend=backend)
+    res = posattn.apply_rotary(x, _negated(cos), _negated(sin), inplace=True, backend=backend)
+    assert res is x and torch.equal(_bits(x), _bits(want))
+    xn = _negated(torch.randn(2, 5, 3, 16))                # a negated x written in place: stays right
+    want = posattn.apply_rotary(xn.clone(), cos, sin, backend=backend)
+    posattn.apply_rotary(xn, cos, sin, inplace=True, backend=backend)
+    assert_close(xn, want, torch.float32)

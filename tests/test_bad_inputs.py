@@ -337,6 +337,22 @@ CASES = [
      ValueError, "position_ids"),
     *[(f"rotary_inplace_x_shares_{n}", F.apply_rotary, (lambda n=n: _rot_sharing(n)), ValueError,
        f"^x: shares memory with {n}; the op writes x") for n in ("cos", "sin", "position_ids")],
+    # found by the break-it pass on 8f6e06b: non-strided layouts are refused by name (a sparse alibi_slopes gave a
+    # wrong attention silently on the torch backend; sparse cos with inplace=True read "may share memory"; nested x
+    # and sparse cache_seqlens crashed inside torch), and the aliasing check sees through vmap's wrapper
+    ("kvcache_sparse_alibi_slopes", lambda alibi_slopes, **kw: F.flash_attn_with_kvcache(
+        alibi_slopes=alibi_slopes.to_sparse(), **kw), lambda: dict(_kv(), alibi_slopes=torch.rand(4), backend="torch"),
+     TypeError, "^alibi_slopes: expected a dense"),
+    ("kvcache_sparse_cache_seqlens", lambda cache_seqlens, **kw: F.flash_attn_with_kvcache(
+        cache_seqlens=cache_seqlens.to_sparse(), **kw), _kv, TypeError, "^cache_seqlens: expected a dense"),
+    ("rotary_inplace_sparse_cos", lambda cos, sin, **kw: F.apply_rotary(cos=cos.to_sparse(), sin=sin.to_sparse(), **kw),
+     lambda: dict(_rot(), inplace=True), TypeError, "^cos: expected a dense"),
+    ("rotary_nested_x", lambda x, **kw: F.apply_rotary(x=torch.nested.nested_tensor(list(x), layout=torch.jagged),
+                                                       **kw), _rot, TypeError, "^x: expected a dense"),
+    ("rotary_inplace_vmap_x_shares_cos", lambda x, cos, sin: torch.func.vmap(
+        lambda xx: F.apply_rotary(xx, cos, sin, inplace=True))(x),
+     lambda: (lambda x: dict(x=x, cos=x[1].reshape(-1)[:32].view(8, 4), sin=r(8, 4)))(r(3, 2, 5, 3, 8)), ValueError,
+     "^x: shares memory with cos; the op writes x"),
     ("rotary_position_ids_float", F.apply_rotary, lambda: dict(_rot(), position_ids=torch.arange(5.0)), TypeError,
      "position_ids"),
     # --- kernelized RPE

@@ -4,7 +4,10 @@ including 0, storage offsets, different dtypes of one buffer, so misaligned pair
 matter (packed KV cache halves, transposes, x[::2] vs x[1::2]), and on a layout whose exact search runs past
 its node budget (the marker fallback must still be exact). The search itself (no fallback) and the marker
 method alone are each compared with the ground truth as well."""
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -194,3 +197,110 @@ def test_check_disjoint_message_names_both():
     with pytest.raises(ValueError, match=r"^k_cache: shares memory with q; the op writes k_cache, so it must not "
                                          r"alias any input: pass a separate tensor$"):
         check_disjoint("k_cache", kv[:, :, 0], {"v_cache": kv[:, :, 1], "q": kv[:, 1:2, 0]})
+
+
+# ---- break-it pass on 8f6e06b: what the search and the marker got wrong or slow
+def _strided_pair(n):
+    """float32 buf[0::4] (n elements) and buf[1::6]: element-aligned, no common element (4 i - 6 j = 1 has no
+    integer solution), byte ranges interleaved over 24 n bytes."""
+    buf = torch.empty(6 * n + 8)
+    return buf[0:4 * n:4], buf[1:6 * n + 1:6]
+
+
+@pytest.mark.parametrize("n", [10, 100_000])
+def test_element_size_slack_keeps_the_gcd_test(monkeypatch, n):
+    """The element-size slack used to be a search term of coefficient 1: every suffix gcd became 1, the congruence
+    pruning never fired, and buf[0::4] vs buf[1::6] ran past the node budget from n ~ 50,000 on; over 64 MiB
+    (n = 3M) shares_memory then said True for two disjoint views (the op refused a legal call). The slack is now
+    enumerated outside the search, so the gcd decides at once. The marker is switched off here (as if the span were
+    over 64 MiB): the search alone must decide."""
+    monkeypatch.setattr(C, "SHARES_MEMORY_MARKER_BYTES", 0)
+    a, b = _strided_pair(n)
+    assert C._shares_memory(a, b) is False and C._shares_memory(b, a) is False
+    assert shares_memory(a, b) is False
+    # mixed element sizes, misaligned: fp32 buf[0::4] (bytes 16 i .. 16 i + 3) vs fp16 halves at bytes 6 + 24 j
+    # (.. 7 + 24 j): 24 j - 16 i would have to be in [-7, -3], and it is a multiple of 8
+    h = a._base.view(torch.float16)[3:3 + 12 * n:12]
+    assert C._shares_memory(a, h) is False and C._shares_memory(h, a) is False
+    h2 = a._base.view(torch.float16)[8:8 + 12 * n:12]                 # bytes 16 + 24 j: element i = 1 of a at j = 0
+    assert C._shares_memory(a, h2) is True and C._shares_memory(h2, a) is True
+    if n < 100:   # the expectations are the brute-force answers
+        assert not _truth(a, b) and not _truth(a, h) and _truth(a, h2)
+
+
+def _subset_lattice():
+    """A 40-dim view of a small buffer, every dim of size 2 with a prime stride in [1009, 1400): 2**40 elements
+    over 182 KB. Offsets are subset sums of the primes; 3900 is none (3 primes sum to an odd number, 2 to at most
+    2780, 4 to at least 4036), 1009 + 1013 + 1019 + 1021 is one."""
+    primes = [p for p in range(1009, 1400) if all(p % d for d in range(2, 38))][:40]
+    buf = torch.zeros(sum(primes) + 10)
+    return buf.as_strided((2,) * 40, primes), buf, primes
+
+
+_MARKER_SCRIPT = """
+import torch
+import posattn._checks as C
+primes = [p for p in range(1009, 1400) if all(p % d for d in range(2, 38))][:40]
+buf = torch.zeros(sum(primes) + 10)
+a = buf.as_strided((2,) * 40, primes)
+assert C._solve({p * 4: (0, 1) for p in primes}, 3900 * 4, C.SHARES_MEMORY_NODE_BUDGET) is None
+print(C.shares_memory(a, buf[3900:3901]), C.shares_memory(buf[3900:3901], a),
+      C.shares_memory(a, buf[sum(primes[:4]):][:1]))
+"""
+
+
+def test_marker_work_is_bounded_by_the_span_not_the_element_count():
+    """A 40-dim view, every dim of size 2 with a prime stride in [1009, 1400): 2**40 elements over 182 KB. Its
+    offsets are subset sums of the primes; 3900 is none (3 primes sum to an odd number, 2 to at most 2780, 4 to at
+    least 4036), 1009 + 1013 + 1019 + 1021 is one. The search runs past its budget; the marker then filled one bool
+    per element and byte (4.4e12 writes: hours, in C++ where no signal interrupts it). It now marks by doubling
+    shifts, O(span log n): milliseconds. Run in a subprocess so that the old hang fails the test by timeout."""
+    res = subprocess.run([sys.executable, "-c", _MARKER_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "False", "True"]
+
+
+def test_marker_by_doubling_against_brute_force():
+    """``_mark`` (the doubling marker) sets exactly the bytes under a view's elements, overlapping views too."""
+    rng = random.Random(99)
+    for case in range(400):
+        ba = bytearray(96)
+        t = _random_view(ba, rng)
+        if not t.numel():
+            continue
+        base = torch.frombuffer(ba, dtype=torch.uint8).data_ptr()
+        m = C._mark(C._marker_dims(t), t.data_ptr() - base, len(ba))
+        assert {base + i for i in m.nonzero().flatten().tolist()} == _bytes(t), (case, t.dtype, t.shape, t.stride())
+
+
+@pytest.mark.filterwarnings("ignore:Sparse:UserWarning")
+def test_sparse_tensors_are_compared_through_their_parts():
+    """A sparse tensor's memory is its index and value tensors: compared exactly (it used to be 'may share' for
+    any sparse tensor, so e.g. a sparse alibi_slopes next to an ``out`` was refused)."""
+    buf = torch.randn(16)
+    idx = torch.tensor([[0, 2, 5, 7]])
+    coo = torch.sparse_coo_tensor(idx, buf[:4], (8,))
+    assert coo._values().data_ptr() == buf.data_ptr()      # the values are buf's memory
+    assert shares_memory(buf, coo) and shares_memory(coo, buf[3:5]) and shares_memory(coo, idx)
+    assert not shares_memory(buf[4:], coo) and not shares_memory(coo, buf[4:])
+    csr = torch.sparse_csr_tensor(torch.tensor([0, 2, 4]), torch.tensor([0, 1, 0, 1]), buf[:4], (2, 2))
+    assert shares_memory(buf[:1], csr) and not shares_memory(buf[4:], csr)
+    check_disjoint("out", buf[4:], {"alibi_slopes": coo})
+    with pytest.raises(ValueError, match=r"^out: shares memory with alibi_slopes; "):
+        check_disjoint("out", buf[2:], {"alibi_slopes": coo})
+
+
+def test_vmap_wrappers_are_compared_through_the_tensors_they_wrap():
+    """Under torch.func.vmap a BatchedTensor has no data pointer; it used to count as 'may share' with anything."""
+    base = torch.randn(3, 40)
+    other, third = torch.randn(8), torch.randn(3)
+    seen = []
+
+    def f(row):
+        seen.append([shares_memory(row, other), shares_memory(row, base[1, 5:9]), shares_memory(row, third)])
+        return row * 2
+    torch.func.vmap(f)(base)
+    # f runs once on a batched row; its memory is all of base's (the wrapper unwraps to the whole batch: a write
+    # by one instance must not reach another's read either)
+    assert seen == [[False, True, False]]

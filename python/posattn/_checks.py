@@ -110,6 +110,14 @@ def check_tensor(arg: str, t, *, dtypes: Iterable[torch.dtype] | None = None,
         raise TypeError(f"{arg}: expected a torch.Tensor, got None")
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{arg}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        # the ops index and launch kernels on strided memory: a sparse alibi_slopes gave a wrong attention
+        # silently (torch backend), sparse / nested tensors elsewhere crashed deep inside torch or Triton
+        if t.is_nested:
+            got, fix = "a nested tensor", ".to_padded_tensor(0) (and lengths where the op takes them)"
+        else:
+            got, fix = f"layout {str(t.layout).replace('torch.', '')}", ".to_dense()"
+        raise TypeError(f"{arg}: expected a dense (strided) tensor, got {got}; pass {fix}")
     if dtypes is not None:
         dtypes = tuple(dtypes)
         if t.dtype not in dtypes:
@@ -173,19 +181,22 @@ def dense_for_reading(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # memory shared between two tensors (an op that writes one of them must not read the other)
 # ------------------------------------------------------------------------------------------------
-# Nodes the exact search of ``_solve`` may visit before ``shares_memory`` falls back to marking bytes, and the
-# largest byte span that fallback allocates a marker buffer for (64 MiB of bools).
+# Nodes the exact search of ``_solve`` may visit before ``shares_memory`` falls back to marking bytes, the
+# largest byte span that fallback allocates a marker buffer for (64 MiB of bools), and the most bool element
+# operations it may spend marking and reading (a self-overlapping view can have far more elements than bytes).
 SHARES_MEMORY_NODE_BUDGET = 20_000
 SHARES_MEMORY_MARKER_BYTES = 1 << 26
+SHARES_MEMORY_MARKER_WORK = 1 << 28
 
 
 class _OverBudget(Exception):
     pass
 
 
-def _solve(terms: dict[int, tuple[int, int]], target: int, budget: int) -> bool | None:
+def _solve(terms: dict[int, tuple[int, int]], target: int, budget: int, nodes: list | None = None) -> bool | None:
     """Is there an integer ``x_c`` in ``[lo_c, hi_c]`` for every coefficient ``c > 0`` of ``terms`` (``{c: (lo,
-    hi)}``) with ``sum c * x_c == target``? Exact; None when the search visited more than ``budget`` values.
+    hi)}``) with ``sum c * x_c == target``? Exact; None when the search visited more than ``budget`` values
+    (``nodes``: a one-element list counting visited values, shared by several calls under one budget).
 
     Depth-first over the coefficients in decreasing order. At each level only values are tried that leave a
     residual (1) inside the interval the remaining terms can reach (suffix min / max) and (2) divisible by the
@@ -201,7 +212,8 @@ def _solve(terms: dict[int, tuple[int, int]], target: int, budget: int) -> bool 
         sg[k] = math.gcd(sg[k + 1], coefs[k])
     if not smin[0] <= target <= smax[0] or (n and target % sg[0]):
         return False
-    nodes = [0]
+    if nodes is None:
+        nodes = [0]
 
     def search(k: int, r: int) -> bool:   # precondition: smin[k] <= r <= smax[k] and sg[k] | r
         if k == n:
@@ -216,6 +228,8 @@ def _solve(terms: dict[int, tuple[int, int]], target: int, budget: int) -> bool 
                 return False
             x = r // c
             nodes[0] += 1
+            if nodes[0] > budget:
+                raise _OverBudget
             return xlo <= x <= xhi
         g = math.gcd(c, g_rest)                             # == sg[k], divides r
         m = g_rest // g                                     # c x == r (mod g_rest)  <=>  x == x0 (mod m)
@@ -252,20 +266,98 @@ def _is_fake(t: torch.Tensor) -> bool:
         return False
 
 
+def _unwrap_functorch(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding t's memory under ``torch.func`` transforms: a vmap BatchedTensor or a grad wrapper has
+    no data pointer of its own; its innermost unwrapped tensor holds the elements of every vmap instance (so two
+    of them share memory iff some instance's write could reach another's read). Plain tensors come back as is."""
+    try:
+        F = torch._C._functorch
+        while F.is_functorch_wrapped_tensor(t):
+            t = F.get_unwrapped(t)
+    except Exception:   # pragma: no cover - private API moved
+        pass
+    return t
+
+
+def _parts(t: torch.Tensor):
+    """Strided tensors holding all of t's memory: t itself (strided), the index and value tensors of a sparse
+    tensor; None for a layout whose memory cannot be located (nested, mkldnn, ...)."""
+    lay = t.layout
+    if getattr(t, "is_nested", False):
+        return None
+    if lay == torch.strided:
+        return [t]
+    try:
+        if lay == torch.sparse_coo:
+            return [t._indices(), t._values()]
+        if lay in (torch.sparse_csr, torch.sparse_bsr):
+            return [t.crow_indices(), t.col_indices(), t.values()]
+        if lay in (torch.sparse_csc, torch.sparse_bsc):
+            return [t.ccol_indices(), t.row_indices(), t.values()]
+    except Exception:   # pragma: no cover
+        return None
+    return None
+
+
+def _marker_dims(t: torch.Tensor):
+    """t's dims as (count, byte stride), stride-0 and size-1 dims dropped, plus (element size, 1) for the bytes
+    of one element: the byte offsets under t's elements are the sums ``sum i_d stride_d``, ``0 <= i_d < count_d``."""
+    es = t.element_size()
+    return [(n, st * es) for n, st in zip(t.shape, t.stride()) if n > 1 and st > 0] + [(es, 1)]
+
+
+def _marker_costs(dims, length: int) -> tuple[int, int]:
+    """(bool operations to mark t's bytes element by element, to mark them by doubling shifts) in a buffer of
+    ``length`` bytes. Element by element costs t's element count times its element size, which for a
+    self-overlapping view (windows, ``as_strided``) can exceed the span by any factor; doubling costs one pass over
+    the buffer per doubling step, ceil(log2 count) steps per dim, whatever the element count."""
+    direct = math.prod(n for n, _ in dims)
+    doubling = length * (1 + sum((n - 1).bit_length() for n, _ in dims))
+    return direct, doubling
+
+
+def _mark(dims, start: int, length: int) -> torch.Tensor:
+    """Bool mask of ``length`` bytes, True under the bytes ``start + sum i_d stride_d`` (``_marker_dims``), built by
+    doubling: the offsets reached by the first ``have`` values of a dim, shifted by ``k`` strides, reach ``have + k``.
+    Exact whatever the element count (overlapping views included)."""
+    m = torch.zeros(length, dtype=torch.bool)
+    m[start] = True
+    for n, st in dims:
+        have = 1
+        while have < n:
+            k = min(have, n - have)
+            sh = k * st
+            if sh < length:
+                m[sh:] |= m[:length - sh].clone()
+            have += k
+    return m
+
+
 def _marker_overlap(a, a0, b, b0) -> bool | None:
-    """Exact by marking: a bool per byte of the union span, set under a's elements, read under b's.
-    None when the span is over ``SHARES_MEMORY_MARKER_BYTES``."""
-    def view(t, start, buf):
-        es = t.element_size()
-        keep = [(n, st) for n, st in zip(t.shape, t.stride()) if n > 1 and st > 0]   # no stride-0 writes
-        return buf.as_strided([n for n, _ in keep] + [es], [st * es for _, st in keep] + [1], start)
+    """Exact by marking: a bool per byte of the union span, set under a's elements, read under b's (element by
+    element, or by doubling shifts for a view with many more elements than bytes: ``_marker_costs``). None when
+    the span is over ``SHARES_MEMORY_MARKER_BYTES`` or the cheaper way still takes more than
+    ``SHARES_MEMORY_MARKER_WORK`` bool operations."""
     lo = min(a0, b0)
     hi = max(a0 + _extent(a) * a.element_size(), b0 + _extent(b) * b.element_size())
-    if hi - lo > SHARES_MEMORY_MARKER_BYTES:
+    length = hi - lo
+    if length > SHARES_MEMORY_MARKER_BYTES:
         return None
-    buf = torch.zeros(hi - lo, dtype=torch.bool)
-    view(a, a0 - lo, buf).fill_(True)
-    return bool(view(b, b0 - lo, buf).any())
+    da, db = _marker_dims(a), _marker_dims(b)
+    (a_direct, a_dbl), (b_direct, b_dbl) = _marker_costs(da, length), _marker_costs(db, length)
+    if length + min(a_direct, a_dbl) + min(b_direct, b_dbl) > SHARES_MEMORY_MARKER_WORK:
+        return None
+
+    def view(dims, start, buf):
+        return buf.as_strided([n for n, _ in dims], [st for _, st in dims], start)
+    if a_direct <= a_dbl:
+        buf = torch.zeros(length, dtype=torch.bool)
+        view(da, a0 - lo, buf).fill_(True)
+    else:
+        buf = _mark(da, a0 - lo, length)
+    if b_direct <= b_dbl:
+        return bool(view(db, b0 - lo, buf).any())
+    return bool((_mark(db, b0 - lo, length) & buf).any())
 
 
 def _extent(t: torch.Tensor) -> int:
@@ -280,10 +372,12 @@ _UNSET = object()
 def _byte_span(t: torch.Tensor):
     """(address space, first byte, one past the last byte) of t's elements; None when t holds no memory (empty,
     meta); ``_UNKNOWN`` for sparse and other layouts. The address space is the device (data pointers), or
-    the storage while tracing (fake tensors have no data pointer: offsets within their storage)."""
+    the storage while tracing (fake tensors have no data pointer: offsets within their storage). ``torch.func``
+    wrappers (vmap, grad) are located through the tensor they wrap."""
+    t = _unwrap_functorch(t)
     if t.numel() == 0 or t.device.type == "meta":
         return None
-    if t.layout != torch.strided:
+    if t.layout != torch.strided or getattr(t, "is_nested", False):
         return _UNKNOWN
     es = t.element_size()
     try:
@@ -300,20 +394,27 @@ def _byte_span(t: torch.Tensor):
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor, *, budget: int | None = None, span_a=_UNSET,
                    span_b=_UNSET) -> bool | None:
-    """``shares_memory`` with None for "could not decide" (span too large for the fallback, or a layout
-    other than strided). ``span_a`` / ``span_b``: ``_byte_span`` of a / b when the caller has it."""
+    """``shares_memory`` with None for "could not decide" (span too large for the fallback, or a layout whose
+    memory cannot be located). ``span_a`` / ``span_b``: ``_byte_span`` of a / b when the caller has it."""
+    a, b = _unwrap_functorch(a), _unwrap_functorch(b)
     sa = _byte_span(a) if span_a is _UNSET else span_a
     sb = _byte_span(b) if span_b is _UNSET else span_b
     if sa is None or sb is None or a.device != b.device:
         return False
     if sa is _UNKNOWN or sb is _UNKNOWN:
-        return None
+        # sparse tensors: their index and value tensors (strided) hold their memory
+        pa = _parts(a) if a.layout != torch.strided else ([a] if sa is not _UNKNOWN else None)
+        pb = _parts(b) if b.layout != torch.strided else ([b] if sb is not _UNKNOWN else None)
+        if pa is None or pb is None:
+            return None
+        res = [_shares_memory(x, y, budget=budget) for x in pa for y in pb]
+        return True if True in res else (None if None in res else False)
     (space_a, a0, a1), (space_b, b0, b1) = sa, sb
     if space_a != space_b or a1 <= b0 or b1 <= a0:
         return False
     ea, eb = a.element_size(), b.element_size()
     # Element i of a covers bytes [A, A + ea), element j of b [B, B + eb); they share one iff
-    # A - B in [-(ea - 1), eb - 1], i.e. sum_d i_d sa_d ea - sum_e j_e sb_e eb + y = b0 - a0 for some
+    # A - B in [-(ea - 1), eb - 1], i.e. sum_d i_d sa_d ea - sum_e j_e sb_e eb = b0 - a0 - y for some
     # y = B - A in [-(eb - 1), ea - 1]. Terms with equal coefficients merge into one variable (a sum of integer
     # intervals is an integer interval), so two views of one buffer with the same strides stay small.
     terms: dict[int, tuple[int, int]] = {}
@@ -327,9 +428,22 @@ def _shares_memory(a: torch.Tensor, b: torch.Tensor, *, budget: int | None = Non
     for n, st in zip(b.shape, b.stride()):
         if n > 1 and st > 0:
             add(st * eb, -(n - 1), 0)
-    if ea > 1 or eb > 1:
-        add(1, -(eb - 1), ea - 1)
-    found = _solve(terms, b0 - a0, SHARES_MEMORY_NODE_BUDGET if budget is None else budget)
+    # One search per value of y (at most ea + eb - 1, and only those the gcd of the strides allows: one for two
+    # aligned views of one dtype) rather than y as a term of coefficient 1: that term would make every suffix
+    # gcd 1 and switch the congruence pruning off (x[0::4] vs x[1::6] of a float32 buffer: millions of nodes).
+    g = 0
+    for c in terms:
+        g = math.gcd(g, c)
+    limit = SHARES_MEMORY_NODE_BUDGET if budget is None else budget
+    nodes = [0]
+    found = False
+    for y in range(-(eb - 1), ea):
+        rest = b0 - a0 - y
+        if (rest % g) if g else rest:
+            continue
+        found = _solve(terms, rest, limit, nodes)
+        if found is not False:
+            break
     if found is None:
         found = _marker_overlap(a, a0, b, b0)
     return found
@@ -345,16 +459,21 @@ def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     Method: disjoint byte ranges answer at once; otherwise the question is whether ``sum c_k x_k == delta``
     has integer solutions with each ``x_k`` in a range (one term per stride in bytes, the strides of ``b``
-    negated, terms of equal stride merged, plus a slack term for the element sizes). A gcd test, then a
-    depth-first search over the terms in decreasing order that tries only values keeping the residual
-    reachable by the remaining terms (interval bounds and a congruence): a handful of values per level for
-    ordinary (nested-stride) layouts. Past ``SHARES_MEMORY_NODE_BUDGET`` visited values it marks a's bytes in a
-    bool buffer over the union span and reads b's (exact, O(span)); when that span exceeds
-    ``SHARES_MEMORY_MARKER_BYTES`` (64 MiB) it cannot decide and returns True (conservative: "could not prove
-    them disjoint"). Non-strided layouts (sparse, ...) also return True. While tracing (fake tensors, no data
-    pointers) tensors of different storages share nothing and offsets within one storage are compared.
-    Cost: about 2 us for two tensors in different allocations, 10-15 us for the two halves of a packed
-    buffer (CPU, Python).
+    negated, terms of equal stride merged), once per value of a slack for the element sizes (enumerated outside
+    the search, so that the congruence pruning keeps working; one value for two aligned views of one dtype). A
+    gcd test, then a depth-first search over the terms in decreasing order that tries only values keeping the
+    residual reachable by the remaining terms (interval bounds and a congruence): a handful of values per level
+    for ordinary (nested-stride) layouts. Past ``SHARES_MEMORY_NODE_BUDGET``
+    visited values it marks a's bytes in a bool buffer over the union span and reads b's (exact; element by
+    element, or by doubling shifts, O(span log count), for self-overlapping views with many more elements than
+    bytes); when that span exceeds ``SHARES_MEMORY_MARKER_BYTES`` (64 MiB) or the marking would take more than
+    ``SHARES_MEMORY_MARKER_WORK`` bool operations it cannot decide and returns True (conservative: "could not
+    prove them disjoint"). Sparse tensors are compared through their index and value tensors; layouts whose
+    memory cannot be located (nested, ...) return True. ``torch.func`` wrappers (vmap, grad) are compared
+    through the tensors they wrap. While tracing (fake tensors, no data pointers) tensors of different storages
+    share nothing and offsets within one storage are compared.
+    Cost: about 2 us for two tensors in different allocations, 10-20 us for the two halves of a packed
+    buffer (CPU, Python); at most about 0.2 s when the search runs out of budget and marks a 64 MiB span.
     """
     return _shares_memory(a, b) is not False
 
@@ -363,8 +482,14 @@ def check_disjoint(written_name: str, written, others: dict, *, spans: dict | No
     """An op writes ``written`` in place and reads ``others`` ({name: tensor}): raise ValueError naming both
     arguments when ``written`` shares memory with one of them (``shares_memory``). ``None`` and non-tensors
     are skipped. ``spans``: a dict the caller keeps across several calls on the same live tensors (byte spans
-    by ``id``, computed once)."""
+    by ``id``, computed once).
+
+    Skipped while ``torch.compile`` (Dynamo) traces: it has neither data pointers nor storage offsets to give
+    (the check broke ``fullgraph=True`` compiles that worked before it); FakeTensor tracing (``make_fx``,
+    ``FakeTensorMode``) is checked through storage offsets."""
     if not isinstance(written, torch.Tensor):
+        return
+    if torch.compiler.is_compiling():
         return
     if spans is None:
         spans = {}
@@ -384,8 +509,8 @@ def check_disjoint(written_name: str, written, others: dict, *, spans: dict | No
         if res is False:
             continue
         how = "shares memory with" if res else "may share memory with"
-        why = "" if res else (" (shares_memory could not prove them disjoint: a non-strided layout, or "
-                              "irregular strides over more than 64 MiB)")
+        why = "" if res else (" (shares_memory could not prove them disjoint: a layout whose memory cannot be "
+                              "located, or irregular strides over more than 64 MiB)")
         raise ValueError(f"{written_name}: {how} {name}{why}; the op writes {written_name}, so it must not "
                          f"alias any input: pass a separate tensor")
 

@@ -416,14 +416,9 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     reads = {"q": q, "k": k, "v": v, "rotary_cos": rotary_cos, "rotary_sin": rotary_sin,
              "cache_seqlens": cache_seqlens, "cache_batch_idx": cache_batch_idx, "cache_leftpad": cache_leftpad,
              "block_table": block_table, alibi_read[0]: alibi_read[1]}
-    spans = {}   # byte spans of the arguments, computed once for the checks below
-    if out is not None:
-        check_disjoint("out", out, {"k_cache": k_cache, "v_cache": v_cache, **reads}, spans=spans)
-    else:
+    _check_aliasing(out, k_cache, v_cache, reads, bool(s_new and B))
+    if out is None:
         out = torch.empty(B, Sq, H, D, dtype=q.dtype, device=dev)
-    if s_new and B:   # the append writes both caches
-        check_disjoint("k_cache", k_cache, {"v_cache": v_cache, **reads}, spans=spans)
-        check_disjoint("v_cache", v_cache, reads, spans=spans)
     if backend == "cuda":   # argument checks first: they need no device
         _check_cuda_args(q, k_cache, v_cache, softcap, window_size, left, right)
     be = _backends.resolve(backend, dev, supported=_AUTO_BACKENDS if backend == "auto" else _BACKENDS,
@@ -443,6 +438,25 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
                 rot_q=rot_q, rot_k=rot_k, alibi=alibi_slopes, schedule=schedule, num_splits=num_splits,
                 num_ctas=num_ctas, reduce=reduce, out=out, lse=lse, backend=be, paged=paged, qpos=qpos,
                 rope_inv=rope_inv, cuda_schedule=cuda_schedule)
+
+
+@torch.compiler.disable
+def _check_aliasing(out, k_cache, v_cache, reads, appending):
+    """out, and the caches when appending, must share no memory with what the op reads (``check_disjoint``).
+    Run eagerly under ``torch.compile`` (a graph break; decode breaks the graph anyway to read cache_seqlens on
+    the host): Dynamo has no data pointers, so traced, ``check_disjoint`` would skip the test."""
+    spans = {}   # byte spans of the arguments, computed once for the checks below
+    if out is not None:
+        check_disjoint("out", out, {"k_cache": k_cache, "v_cache": v_cache, **reads}, spans=spans)
+    if appending:   # the append writes both caches
+        check_disjoint("k_cache", k_cache, {"v_cache": v_cache, **reads}, spans=spans)
+        check_disjoint("v_cache", v_cache, reads, spans=spans)
+
+
+def _resolved(t):
+    """t with its negative bit applied (``z.conj().imag`` is such a lazily negated view): the kernels read
+    memory, not torch's view of it. A copy only when the bit is set; None stays None."""
+    return None if t is None else t.resolve_neg()
 
 
 def _check_writable(name, t):
@@ -495,6 +509,9 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     from ..triton_kernels.lean_decode import lean_decode_fwd, pick_block_m
 
     dev = q.device
+    # negated views read through a copy with the sign applied (the append already went into the caches)
+    q, k_cache, v_cache = _resolved(q), _resolved(k_cache), _resolved(v_cache)
+    block_table, cache_batch_idx = _resolved(block_table), _resolved(cache_batch_idx)
     q = q if q.stride(-1) == 1 else q.contiguous()
     group = a["H"] // a["Hk"]
     block_m = pick_block_m(a["Sq"] * group)
@@ -508,7 +525,8 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
         raise ValueError(f"reduce: 'kernel' needs at most {sms} CTAs (one per SM); schedule {a['schedule']!r} "
                          f"has {sched.num_ctas}; use reduce='separate'")
     out = a["out"]
-    target = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=dev)
+    # the kernel writes memory: a negated out is written through a buffer and copy_ (which applies the sign)
+    target = out if out.stride(-1) == 1 and not out.is_neg() else torch.empty(out.shape, dtype=out.dtype, device=dev)
     _empty_rows(dict(a, out=target))
     rot_q = a["rot_q"]
     lean_decode_fwd(q, k_cache, v_cache, target, a["lse"],
@@ -518,7 +536,7 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
                     rot_cos=None if rot_q is None else rot_q[0].contiguous(),
                     rot_sin=None if rot_q is None else rot_q[1].contiguous(),
                     rotary_dim=a["rotary_dim"], rotary_interleaved=a["interleaved"],
-                    alibi_slopes=a["alibi"], softmax_scale=a["scale"], softcap=a["softcap"],
+                    alibi_slopes=_resolved(a["alibi"]), softmax_scale=a["scale"], softcap=a["softcap"],
                     window_left=a["left"], window_right=a["right"], block_m=block_m, block_n=block_n,
                     reduce_in_kernel=(a["reduce"] == "kernel"))
     if target is not out:
@@ -644,6 +662,8 @@ def _run_cuda(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     if a["cuda_schedule"] is None:
         return
     dev = q.device
+    q, k_cache, v_cache = _resolved(q), _resolved(k_cache), _resolved(v_cache)   # as in _run_triton
+    block_table, cache_batch_idx = _resolved(block_table), _resolved(cache_batch_idx)
     seqlens = torch.tensor(a["seqlens_k"], dtype=torch.int64)
     inv_freq = None
     if a["rotary_dim"]:
@@ -660,11 +680,12 @@ def _run_cuda(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     if block_table is not None:
         block_table = block_table.to(torch.int32).contiguous()
     out = a["out"]
-    target = out if out.stride(-1) == 1 else torch.empty(out.shape, dtype=out.dtype, device=dev)
+    target = out if out.stride(-1) == 1 and not out.is_neg() else torch.empty(out.shape, dtype=out.dtype, device=dev)
     with _on_device(dev):
         _cuda.lean_decode_cuda(q, k_cache, v_cache, seqlens.to(device=dev, dtype=torch.int32), a["cuda_schedule"],
                                softmax_scale=a["scale"], causal=a["right"] == 0, block_table=block_table,
-                               alibi_slopes=a["alibi"], inv_freq=inv_freq, rotary_interleaved=a["interleaved"],
+                               alibi_slopes=_resolved(a["alibi"]), inv_freq=inv_freq,
+                               rotary_interleaved=a["interleaved"],
                                out=target, lse=a["lse"])
     if target is not out:
         out.copy_(target)

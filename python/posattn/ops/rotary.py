@@ -60,15 +60,27 @@ def _launch(x, cos, sin, position_ids, interleaved, conjugate, backend, out):
         if x.numel() == 0:
             return
         from .. import _cuda
-        pos = None if position_ids is None else _pos2d(position_ids, x.shape[1])
+        cos, sin = cos.resolve_neg(), sin.resolve_neg()   # as for Triton below
+        if out is not x:
+            x = x.resolve_neg()
+        pos = None if position_ids is None else _pos2d(position_ids.resolve_neg(), x.shape[1])
         kw = dict(interleaved=interleaved, conj=conjugate, position_ids=pos)
         with torch.cuda.device(x.device):
             if out is x and x.stride(-1) != 1:   # the kernel rotates in place only with a unit last-dim stride
-                out.copy_(_cuda.apply_rotary_cuda(x, cos, sin, **kw))
+                out.copy_(_cuda.apply_rotary_cuda(x.resolve_neg(), cos, sin, **kw))   # copy_ applies out's sign
             else:
                 _cuda.apply_rotary_cuda(x, cos, sin, out=out, **kw)
         return
     from ..triton_kernels.rotary import apply_rotary_fwd
+    # the kernel reads memory, not torch's view of it: tables / positions with the negative bit set
+    # (``z.conj().imag``) are read through a copy with the sign applied (apply_rotary(inplace=True) reaches here
+    # without the dispatcher, which resolves them for the custom op). A negated x written in place needs
+    # nothing: the rotation is linear, so rotating the stored values rotates -x.
+    cos, sin = cos.resolve_neg(), sin.resolve_neg()
+    if position_ids is not None:
+        position_ids = position_ids.resolve_neg()
+    if out is not x:
+        x = x.resolve_neg()
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     pos = None if position_ids is None else _pos2d(position_ids, x.shape[1])
@@ -158,7 +170,9 @@ def apply_rotary(x, cos, sin, *, interleaved=False, position_ids=None, inplace=F
         a leaf that requires grad, nor a view of one: ValueError). x must not alias itself (no
         ``expand``-ed or overlapping view: ValueError naming x; pass ``x.contiguous()``) and must share
         no memory with cos, sin or position_ids (ValueError naming x and that argument; an exact test,
-        ``posattn._checks.shares_memory``). False: x is not modified; a new contiguous tensor is returned.
+        ``posattn._checks.shares_memory``; not made while ``torch.compile`` traces, which has no data
+        pointers: fullgraph compiles keep working). False: x is not modified; a new contiguous tensor is
+        returned.
     backend : {"auto", "triton", "torch", "cuda"}
         "auto": Triton for CUDA tensors, torch for CPU tensors; never "cuda". "cuda": the CUDA C++
         kernel (``csrc/rope.cu`` via ``posattn._cuda.apply_rotary_cuda``; forward, and the backward of
