@@ -178,6 +178,29 @@ def values(shape, dtype, kind: str, gen: torch.Generator) -> torch.Tensor:
     return t.to(dtype)
 
 
+# layouts of the gradient fed to an op's output: out.sum().backward() hands an expanded one (stride 0 everywhere;
+# the Triton attention backward read it as unit-stride rows and gave garbage gradients), slicing a wider
+# gradient a last-dim stride of 2
+GRAD_LAYOUTS = ("contiguous", "contiguous", "expanded", "strided")
+
+
+def grad_output(data, shape, dtype, gen: torch.Generator) -> torch.Tensor:
+    """The gradient of an op's output (``values(shape, dtype, "unit", gen)``) in a drawn layout: contiguous,
+    expanded from one value (as ``out.sum().backward()`` gives), or a view with last-dim stride 2 and NaN in
+    the gaps. Move it to a device with ``to_device`` (keeps the layout); ``.double()`` gives the reference
+    its values."""
+    layout = data.draw(st.sampled_from(GRAD_LAYOUTS), label="dout_layout")
+    shape = tuple(shape)
+    if layout == "expanded":
+        return values((), dtype, "unit", gen).expand(shape)
+    if layout == "strided" and shape:
+        buf = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"), dtype=dtype)
+        view = buf[..., ::2]
+        view.copy_(values(shape, dtype, "unit", gen))
+        return view
+    return values(shape, dtype, "unit", gen)
+
+
 def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout (a leaf without grad).
 

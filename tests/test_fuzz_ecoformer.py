@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (CPU, DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, assert_unchanged, check_close, cuda_probe,
+from fuzz_helpers import (grad_output, CPU, DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, assert_unchanged, check_close, cuda_probe,
                           grad_floor, grads, heads, on_device, poisoned_allocations, snapshot, to_device, values,
                           with_layout)
 from hypothesis_profiles import examples
@@ -126,8 +126,8 @@ def _eco_case(data, backend, device=CPU, cuda=False):
         names = ["dv"] + (["dq_codes"] if code_grad else []) + (["dk_codes"] if code_grad and not shared else [])
         if want_grad:
             assert out.requires_grad, "out is detached from the inputs' graph"
-            dout = values(out.shape, vdtype, "unit", gen)
-            got = grads(out, ours, dout.to(device))
+            dout = grad_output(data, out.shape, vdtype, gen)
+            got = grads(out, ours, to_device(dout, device))
     assert_unchanged(snap, qc=qc, kc=kc, v=v, mask=mask)
     if not want_grad:
         return

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import posattn
 from posattn import reference as R
 from posattn.flash_attn_interface import normalize_window
-from fuzz_helpers import (lse_floor, DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
+from fuzz_helpers import (grad_output, lse_floor, DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
                           check_close, grad_floor, grads, heads, hidden_keys, logit_cond, Emulations, emulation_factor, poison_rows,
                           poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
@@ -105,7 +105,7 @@ def _fa_case(data, backend):
         check_close(lse, rl, torch.float32 if dtype == torch.float32 else dtype, name="lse", cond=cond,
                     scale=lse_floor(rl), emulated=emu.output(1),
                     emulation_factor=emulation_factor(position))
-        dout = values(out.shape, dtype, "unit", gen)
+        dout = grad_output(data, out.shape, dtype, gen)
         got = grads(out, ours + leaves, dout)
     want = grads(ro, [q64, k64, v64] + leaves, dout.double())
     emu_g = emu.grads([q64, k64, v64] + leaves, dout.double(), len(want))

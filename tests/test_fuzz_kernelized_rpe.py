@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (LAYOUTS, SEEDS, VALUE_KINDS, assert_unchanged, grad_floor, grads, heads,
+from fuzz_helpers import (grad_output, LAYOUTS, SEEDS, VALUE_KINDS, assert_unchanged, grad_floor, grads, heads,
                           poisoned_allocations, snapshot, values, with_layout)
 from hypothesis_profiles import examples
 from tolerances import BWD, FWD
@@ -171,7 +171,7 @@ def _kra_case(data, backend):
         leaves = [t for t in (q, k, v, bias, W) if t is not None and t.requires_grad] if want_grad else []
         if leaves:
             assert out.requires_grad
-            dout = values(out.shape, dtype, "unit", gen)
+            dout = grad_output(data, out.shape, dtype, gen)
             got = grads(out, leaves, dout)
             for g in got:
                 assert torch.isfinite(g).all(), "non-finite gradient"

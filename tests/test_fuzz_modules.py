@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import SEEDS, check_close, grads, poisoned_allocations, values
+from fuzz_helpers import SEEDS, check_close, grad_output, grads, poisoned_allocations, values
 from hypothesis_profiles import examples
 
 
@@ -70,7 +70,7 @@ def _krpe_module_case(data, backend):
         yf = F.linear(o.transpose(1, 2).reshape(B, L, E), layer.out_proj.weight, layer.out_proj.bias)
         assert y.shape == (B, L, E) and y.dtype == dtype
         _same(y, yf, "forward")
-        dy = values(y.shape, dtype, "unit", gen)
+        dy = grad_output(data, y.shape, dtype, gen)
         g1 = grads(y, [x] + params, dy)
         g2 = grads(yf, [x] + params, dy)
     names = ["dx"] + [n for n, _ in layer.named_parameters()]
@@ -136,7 +136,7 @@ def _eco_module_case(data, backend):
         yf = F.linear(o.transpose(1, 2).reshape(B, L, E), layer.out_proj.weight, layer.out_proj.bias)
         assert y.shape == (B, L, E) and y.dtype == torch.float32
         _same(y, yf, "forward")
-        dy = values(y.shape, torch.float32, "unit", gen)
+        dy = grad_output(data, y.shape, torch.float32, gen)
         g1 = grads(y, [x] + params, dy)
         g2 = grads(yf, [x] + params, dy)
     for a, b, n in zip(g1, g2, ["dx"] + [n for n, _ in layer.named_parameters()]):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (CPU, DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close, cuda_probe,
+from fuzz_helpers import (grad_output, CPU, DTYPES, LAYOUTS, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close, cuda_probe,
                           grads, on_device, poisoned_allocations, same_layout_copy, snapshot, to_device, values,
                           with_layout)
 from hypothesis_profiles import examples
@@ -162,8 +162,8 @@ def _rotary_case(data, backend, device=CPU, cuda=False):
         inputs = [t for t in (wrt_x, cos, sin) if t is not None and t.requires_grad]
         if inputs:
             assert out.requires_grad, "out is detached from the inputs' graph"
-            dout = values(out.shape, dtype, "unit", gen)
-            got = grads(out, inputs, dout.to(device))
+            dout = grad_output(data, out.shape, dtype, gen)
+            got = grads(out, inputs, to_device(dout, device))
     if not inputs:
         return
     names = [n for n, t in (("dx", wrt_x), ("dcos", cos), ("dsin", sin)) if t is not None and t.requires_grad]

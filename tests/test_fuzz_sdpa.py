@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import posattn
 from posattn import reference as R
-from fuzz_helpers import (DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
+from fuzz_helpers import (grad_output, DTYPES, LAYOUTS, LENGTHS, LENGTHS_TINY, SEEDS, VALUE_KINDS, assert_unchanged,
                           check_close, grad_floor, grads, heads, hidden_keys, logit_cond, Emulations, emulation_factor, poison_rows,
                           poisoned_allocations, position_spec, snapshot, values, visibility, with_layout)
 from hypothesis_profiles import examples
@@ -124,7 +124,7 @@ def _sdpa_case(data, backend):
         out4 = out.reshape(B, H, Sq, Dv)
         check_close(out4, ro, dtype, name="out", cond=cond, emulated=emu.output(0),
                     emulation_factor=emulation_factor(position))
-        dout = values(out4.shape, dtype, "unit", gen)
+        dout = grad_output(data, out4.shape, dtype, gen)
         ours = [qa, ka, va] + leaves + ([ma] if mask_grad else [])
         theirs = [q64, k64, v64] + leaves + ([m64] if mask_grad else [])
         got = grads(out4, ours, dout)

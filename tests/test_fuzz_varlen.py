@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import posattn
 from posattn import reference as R
 from posattn.flash_attn_interface import normalize_window
-from fuzz_helpers import (CPU, DTYPES, HALF_DTYPES, LAYOUTS, LENGTHS_TINY, SEEDS, VALUE_KINDS, Emulations,
+from fuzz_helpers import (grad_output, CPU, DTYPES, HALF_DTYPES, LAYOUTS, LENGTHS_TINY, SEEDS, VALUE_KINDS, Emulations,
                           assert_unchanged, check_close, cuda_probe, emulation_factor, grad_floor, grads, heads,
                           logit_cond, lse_floor, on_device, poisoned_allocations, position_spec,
                           position_to_device, snapshot, to_device, values, with_layout)
@@ -147,8 +147,8 @@ def _varlen_case(data, backend, device=CPU, cuda=False):
                     emulation_factor=emulation_factor(position))
         if not cuda:
             assert out.requires_grad, "out is detached from the inputs' graph"
-            dout = values(out.shape, dtype, "unit", gen)
-            got = grads(out, list(args) + leaves_d, dout.to(device))
+            dout = grad_output(data, out.shape, dtype, gen)
+            got = grads(out, list(args) + leaves_d, to_device(dout, device))
     assert_unchanged(snap, **named)
     if cuda:
         return

@@ -303,3 +303,48 @@ def test_float64_gradcheck_claim_is_about_out():
                                     (q, k, v))
     _, lse, _ = posattn.flash_attn_func(q, k, v, return_attn_probs=True, backend="torch")
     assert lse.dtype == torch.float32
+
+
+# -- out.sum().backward() on the Triton backend ------------------------------------------------------------------
+# The fuzz found it once the gradient layout was drawn (fuzz_helpers.grad_output): the dense Triton backward read
+# dO's head dim with unit stride, and out.sum() hands an expanded dO (stride 0 everywhere): dq, dk, dv were garbage
+# (1e27 on CPU under the interpreter; on a GPU, reads past the one-element storage). Minimal input: any shape.
+
+@pytest.mark.interp
+@pytest.mark.parametrize("api", ["sdpa", "flash_attn_func"])
+@pytest.mark.parametrize("dout_kind", ["sum", "expanded_value", "last_dim_stride_2"])
+def test_triton_backward_reads_grad_output_through_its_strides(api, dout_kind):
+    g = _gen(7)
+    B, S, H, D = 1, 17, 2, 32
+    q, k, v = (torch.randn(B, S, H, D, generator=g) for _ in range(3))
+    if api == "sdpa":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+
+    def run(q, k, v):
+        if api == "sdpa":
+            return posattn.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        return posattn.flash_attn_func(q, k, v, causal=True, backend="triton")
+
+    def grads(out, leaves, gout):
+        if dout_kind == "sum":
+            return torch.autograd.grad(out.sum(), leaves)
+        return torch.autograd.grad(out, leaves, gout.to(out.dtype))
+
+    shape = q.shape
+    if dout_kind == "last_dim_stride_2":
+        wide = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"))
+        gout = wide[..., ::2]
+        gout.copy_(torch.randn(shape, generator=_gen(3)))
+    else:
+        gout = torch.tensor(0.75).expand(shape)    # stride 0 everywhere, like out.sum()'s
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    got = grads(run(*leaves), leaves, gout)
+    l64 = [t.double().requires_grad_(True) for t in (q, k, v)]
+    if api == "sdpa":
+        ref = R.attention(*l64, causal=True)[0]
+    else:
+        ref = R.attention(*(t.transpose(1, 2) for t in l64), causal=True)[0].transpose(1, 2)
+    want = grads(ref, l64, gout)
+    for name, a, b in zip("qkv", got, want):
+        assert torch.isfinite(a).all(), f"d{name}: not finite"
+        torch.testing.assert_close(a, b.float(), atol=2e-4, rtol=2e-4, msg=lambda m: f"d{name}: {m}")

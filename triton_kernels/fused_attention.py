@@ -1247,7 +1247,8 @@ def fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, *, softmax_scale=No
 
     Parameters
     ----------
-    dout, out : like ``out`` of the forward; lse : the forward's lse (fp32).
+    dout, out : like ``out`` of the forward, unit stride in the last dim (not checked); lse : the forward's
+        lse (fp32).
     q, k, v and every option : exactly as given to ``fused_attention_fwd`` (same seed for dropout).
     dq, dk, dv : written; shapes of q, k, v (dk, dv summed over the GQA group).
     d_bias_table : fp32 like ``pe.bias_table`` or None

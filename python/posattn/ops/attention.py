@@ -25,7 +25,8 @@ from torch import Tensor
 
 from .. import _backends, ops_registry
 from .. import positional as _pos
-from .._checks import FLOAT_DTYPES, check_bool, check_float, check_same, check_tensor, dtype_name
+from .._checks import (FLOAT_DTYPES, check_bool, check_float, check_last_dim_contiguous, check_same, check_tensor,
+                      dtype_name)
 from . import _attention_torch
 
 __all__ = ["scaled_dot_product_attention"]
@@ -153,6 +154,9 @@ def _fused_attention_bwd_op(
         d_urpe = torch.zeros_like(urpe_table, dtype=torch.float32) if need["urpe_table"] else None
         d_ph = torch.zeros_like(phases, dtype=torch.float32) if need["phases"] else None
         kw = _triton_kwargs(o, pe, _expand_mask(attn_mask, q, k))
+        # the kernels read dO's head dim with unit stride: out.sum().backward() hands an expanded dO (stride 0
+        # everywhere), which read as unit-stride rows gave garbage gradients; copied once when needed
+        dout = check_last_dim_contiguous("dout", dout)
         _launcher().fused_attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, **kw, d_bias_table=d_tab,
                                         d_urpe_table=d_urpe, d_phases=d_ph, deterministic=deterministic)
         g = dict(q=dq, k=dk, v=dv, attn_mask=None, alibi_slopes=None,
