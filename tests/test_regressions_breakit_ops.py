@@ -181,3 +181,29 @@ def test_nn_modules_under_default_dtype_float64():
     finally:
         torch.set_default_dtype(before)
     assert y.dtype == torch.float32 and torch.isfinite(y).all() and bool(eco.hash.fitted)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("append", [False, True])
+def test_kvcache_triton_cache_with_strided_head_dim_matches_reference(append):
+    """A cache whose head_dim has stride 2 (every other element of a wider buffer; the gaps hold NaN) was read by
+    the Triton decode kernel as unit-stride rows: out off by 100% and lse inf (the torch backend was right).
+    Found by the fuzz audit (the decode fuzz test drew contiguous caches only)."""
+    g = _gen(11)
+    q, kc, vc = _rn(g, 2, 1, 4, 16), _rn(g, 2, 20, 2, 16), _rn(g, 2, 20, 2, 16)
+    k, v = (_rn(g, 2, 2, 2, 16), _rn(g, 2, 2, 2, 16)) if append else (None, None)
+    cs = torch.tensor([5, 11], dtype=torch.int32)
+    want, want_lse = R.kvcache_attention(q, kc, vc, cs.long(), k=k, v=v, causal=True)
+    bufs = [torch.full((2, 20, 2, 32), float("nan")) for _ in range(2)]
+    kca, vca = (b[..., ::2] for b in bufs)
+    kca.copy_(kc)
+    vca.copy_(vc)
+    out, lse = posattn.flash_attn_with_kvcache(q, kca, vca, k, v, cache_seqlens=cs, causal=True,
+                                               return_softmax_lse=True, backend="triton")
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)
+    if append:   # the append went into the caller's strided cache, the gaps untouched
+        for b in range(2):
+            assert torch.equal(kca[b, int(cs[b]):int(cs[b]) + 2], k[b])
+            assert torch.equal(vca[b, int(cs[b]):int(cs[b]) + 2], v[b])
+        assert all(torch.isnan(bf[..., 1::2]).all() for bf in bufs)

@@ -513,6 +513,10 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     q, k_cache, v_cache = _resolved(q), _resolved(k_cache), _resolved(v_cache)
     block_table, cache_batch_idx = _resolved(block_table), _resolved(cache_batch_idx)
     q = q if q.stride(-1) == 1 else q.contiguous()
+    # the kernel reads head_dim with unit stride (triton_kernels/lean_decode.py): a cache with another last-dim
+    # stride (a slice [..., ::2] of a wider buffer) was read as unit-stride rows (garbage out, lse inf); such a
+    # cache is read through a copy (the append already went into the caller's cache)
+    k_cache, v_cache = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (k_cache, v_cache))
     group = a["H"] // a["Hk"]
     block_m = pick_block_m(a["Sq"] * group)
     block_n = default_block_n(a["D"])
