@@ -348,3 +348,33 @@ def test_triton_backward_reads_grad_output_through_its_strides(api, dout_kind):
     for name, a, b in zip("qkv", got, want):
         assert torch.isfinite(a).all(), f"d{name}: not finite"
         torch.testing.assert_close(a, b.float(), atol=2e-4, rtol=2e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("which", ["q", "k", "both"])
+def test_triton_varlen_reads_strided_cu_seqlens_through_their_strides(which):
+    """cu_seqlens given as a strided view (every other entry of a buffer) were indexed by the Triton varlen kernels
+    with unit stride: the lengths came from the gaps, reads went past the tensors (the interpreter aborted with
+    munmap_chunk(): invalid pointer). Found by the fuzz audit (the varlen fuzz test drew contiguous cu_seqlens)."""
+    g = _gen(21)
+    cu = torch.tensor([0, 3, 3, 20, 25], dtype=torch.int32)
+    q, k, v = (torch.randn(25, h, 16, generator=g) for h in (2, 1, 1))
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    want, want_lse = R.varlen_attention(q64, k64, v64, cu, cu, causal=True)
+    buf = torch.full((10,), 10 ** 6, dtype=torch.int32)
+    buf[::2] = cu
+    cu_q = buf[::2] if which in ("q", "both") else cu
+    cu_k = buf[::2] if which in ("k", "both") else cu
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse, _ = posattn.flash_attn_varlen_func(*ins, cu_q, cu_k, 17, 17, causal=True, return_attn_probs=True,
+                                                 backend="triton")
+    torch.testing.assert_close(out.double(), want, **TOL[torch.float32])
+    fin = torch.isfinite(want_lse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    torch.testing.assert_close(lse[fin].double(), want_lse[fin], **TOL[torch.float32])
+    dout = torch.randn(want.shape, generator=g)
+    got = torch.autograd.grad(out, ins, dout)
+    exp = torch.autograd.grad(want, [q64, k64, v64], dout.double())
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a.double(), b, atol=5e-5, rtol=5e-5)
+    assert torch.equal(buf[1::2], torch.full((5,), 10 ** 6, dtype=torch.int32))

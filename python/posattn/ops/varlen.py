@@ -912,6 +912,9 @@ def _varlen_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, a: _Args, need_lse_grad:
     pe = _varlen_kernel_pe(q, a)  # need_lse_grad: checked in _VarlenTriton.backward (a non-zero dlse raises)
     _attn._check_backend_support("triton", q, k, v, None, pe, dropout_p=a.dropout_p)
     q, k, v = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    # the kernels index cu_seqlens with unit stride: a strided view (every other entry of a buffer) was read
+    # past its end (garbage lengths, out-of-bounds reads; the interpreter aborted with munmap_chunk)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     seed = _attn._draw_seed(a.dropout_p)
     pe_ = pe if pe is not None else __import__("posattn.positional", fromlist=["KernelPE"]).KernelPE()
     return _VarlenTriton.apply(q, k, v, pe_.phases, pe_.bias_table, pe_.urpe_table, cu_seqlens_q, cu_seqlens_k, pe_,
