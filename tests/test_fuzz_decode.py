@@ -1,5 +1,6 @@
 """Property-based fuzzing of posattn.flash_attn_with_kvcache (torch backend, Triton interpreter) against
-reference.kvcache_attention in float64: contiguous caches (with cache_batch_idx over a larger cache, with
+reference.kvcache_attention in float64: contiguous caches in several memory layouts (packed kv halves, permuted,
+storage offset, last-dim stride 2 with NaN gaps; with cache_batch_idx over a larger cache, with
 cache_leftpad) and paged caches (shuffled block_table, page sizes that do and do not divide the lengths),
 cache_seqlens from 0 to full (int or tensor, None for the whole cache), appended k/v (0-3 new tokens) or none,
 rotary tables (any float dtype, interleaved or not, rotary_dim <= head_dim) or a RoPE object, ALiBi slopes
@@ -25,7 +26,7 @@ import posattn
 from posattn import reference as R
 from fuzz_helpers import (CPU, DTYPES, HALF_DTYPES, SEEDS, VALUE_KINDS, _bits, assert_unchanged, check_close,
                           cuda_probe, heads, logit_cond, lse_floor, on_device, poisoned_allocations, same_layout_copy,
-                          snapshot, to_device, values)
+                          snapshot, to_device, values, with_layout)
 from hypothesis_profiles import examples
 
 TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -123,6 +124,17 @@ def _decode_case(data, backend, device=CPU, cuda=False):
                 valid[b if bidx is None else int(bidx[b]), j] = True
     k_cache[~valid] = fill
     v_cache[~valid] = -fill if draw(st.booleans()) else fill
+    # the caches' memory layout (the values stay): contiguous; the two halves of one packed kv buffer; with_layout's
+    # permuted (dims 0, 1 swapped in memory) / storage offset / last-dim stride 2 with NaN gaps. The Triton kernel
+    # read a last-dim-strided cache as unit-stride rows (test_regressions_breakit_ops.py::
+    # test_kvcache_triton_cache_with_strided_head_dim_matches_reference). cuda: unit last-dim stride and aligned
+    cache_layout = draw(st.sampled_from(["contiguous", "contiguous", "packed", "permuted"] if cuda else
+                                        ["contiguous", "contiguous", "packed", "permuted", "offset", "strided"]),
+                        label="cache_layout")
+    if cache_layout == "packed":
+        k_cache, v_cache = torch.stack([k_cache, v_cache], dim=2).unbind(2)
+    elif cache_layout != "contiguous":
+        k_cache, v_cache = with_layout(k_cache, cache_layout), with_layout(v_cache, cache_layout)
 
     cache_seqlens = None
     if lens_kind == "tensor":

@@ -1,8 +1,9 @@
 """Property-based fuzzing of posattn.flash_attn_func and its packed variants (flash_attn_qkvpacked_func,
 flash_attn_kvpacked_func) on the torch backend and the Triton interpreter, against reference.attention in
 float64 with FlashAttention's bottom-right alignment: window sizes (including ones past seqlen_k), softcap,
-alibi_slopes, GQA/MQA with odd groups, seqlen_q != seqlen_k both ways with 0 and 1, every positional
-encoding and their compositions, dtypes, layouts, value regimes; out, lse and every gradient. Keys no query
+alibi_slopes, deterministic, GQA/MQA with odd groups, seqlen_q != seqlen_k both ways with 0 and 1, every positional
+encoding and their compositions, dtypes, layouts, value regimes; out, lse and every gradient (of a subset of
+q, k, v too; through out and the returned lse on the torch backend). Keys no query
 can see hold NaN/inf and must not change anything; inputs are bit-identical afterwards.
 
 Profiles: tests/hypothesis_profiles.py (``--hypothesis-profile=deep`` for >= 5000 examples per test)."""
@@ -53,6 +54,12 @@ def _fa_case(data, backend):
     layout = draw(st.sampled_from(LAYOUTS), label="layout")
     # both backends (Triton: test_regressions.py::test_causally_hidden_nan_keys_leak_into_triton_kernel)
     poison = draw(st.sampled_from([None, float("nan"), float("inf")]), label="poison_hidden_keys")
+    deterministic = draw(st.booleans(), label="deterministic")
+    # which of q, k, v require grad (unpacked inputs): the backward must give each needed gradient alone
+    grad_of = draw(st.sampled_from(["qkv", "qkv", "q", "k", "v", "kv"]), label="requires_grad") \
+        if packing == "none" else "qkv"
+    # a loss through the returned lse too (torch backend; the Triton backward refuses a gradient into lse)
+    lse_grad = not triton and draw(st.sampled_from([False, False, True]), label="loss_through_lse")
 
     q = values((B, Sq, H, D), dtype, kind, gen)
     k = values((B, Sk, Hk, D), dtype, kind, gen)
@@ -80,7 +87,8 @@ def _fa_case(data, backend):
         k_in = poison_rows(k, hid, "bshd", poison)
         v_in = poison_rows(v, hid, "bshd", -poison)
     kw = dict(dropout_p=0.0, softmax_scale=scale, causal=causal, window_size=(wl, wr), softcap=softcap,
-              alibi_slopes=alibi, return_attn_probs=True, position=position, backend=backend)
+              alibi_slopes=alibi, deterministic=deterministic, return_attn_probs=True, position=position,
+              backend=backend)
     with poisoned_allocations():
         if packing == "qkv":
             qkv = with_layout(torch.stack([q, k_in, v_in], dim=2), layout).requires_grad_(True)
@@ -94,10 +102,10 @@ def _fa_case(data, backend):
             out, lse, _ = posattn.flash_attn_kvpacked_func(qa, kv, **kw)
             ours = [qa, kv]
         else:
-            qa, ka, va = (with_layout(t, layout).requires_grad_(True) for t in (q, k_in, v_in))
+            qa, ka, va = (with_layout(t, layout).requires_grad_(n in grad_of) for t, n in zip((q, k_in, v_in), "qkv"))
             snap = snapshot(q=qa, k=ka, v=va, alibi=alibi)
             out, lse, _ = posattn.flash_attn_func(qa, ka, va, **kw)
-            ours = [qa, ka, va]
+            ours = [t for t, n in zip((qa, ka, va), "qkv") if n in grad_of]
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert out.requires_grad, "out is detached from the inputs' graph"
         check_close(out, ro, dtype, name="out", cond=cond, emulated=emu.output(0),
@@ -106,15 +114,35 @@ def _fa_case(data, backend):
                     scale=lse_floor(rl), emulated=emu.output(1),
                     emulation_factor=emulation_factor(position))
         dout = grad_output(data, out.shape, dtype, gen)
-        got = grads(out, ours + leaves, dout)
-    want = grads(ro, [q64, k64, v64] + leaves, dout.double())
-    emu_g = emu.grads([q64, k64, v64] + leaves, dout.double(), len(want))
+        if lse_grad:
+            # rows with lse = -inf (no visible key) get no lse gradient (0 there)
+            dlse = values(lse.shape, torch.float32, "unit", gen).masked_fill(~torch.isfinite(rl), 0.0)
+            wrt = ours + leaves
+            got = [torch.zeros_like(t) if g is None else g for t, g in
+                   zip(wrt, torch.autograd.grad([out, lse], wrt, [dout, dlse], allow_unused=True))]
+        else:
+            got = grads(out, ours + leaves, dout)
+    # the reference's gradients of all of q, k, v (the floors need the siblings: dq is exactly 0 with one key)
+    theirs = [q64, k64, v64] + leaves
+    if lse_grad:
+        fin = torch.isfinite(rl)
+        rl_ = torch.where(fin, rl, torch.zeros((), dtype=rl.dtype))   # -inf rows: no lse path (NaN-free 0 * x)
+        want = [torch.zeros_like(t) if g is None else g for t, g in
+                zip(theirs, torch.autograd.grad([ro, rl_], theirs, [dout.double(), dlse.double()],
+                                                allow_unused=True))]
+        emu_g = [None] * len(want)
+    else:
+        want = grads(ro, theirs, dout.double())
+        emu_g = emu.grads(theirs, dout.double(), len(want))
     if packing == "qkv":
         got = [got[0][:, :, 0], got[0][:, :, 1], got[0][:, :, 2]] + got[1:]
     elif packing == "kv":
         got = [got[0], got[1][:, :, 0], got[1][:, :, 1]] + got[2:]
     names = ["dq", "dk", "dv"] + [f"d_leaf{i}" for i in range(len(leaves))]
-    for g, w, n, f, we in zip(got, want, names, grad_floor(want, names, positions=max(Sq, Sk)), emu_g):
+    floors = grad_floor(want, names, positions=max(Sq, Sk))
+    keep = [i for i, n in enumerate(names) if n.startswith("d_leaf") or n[1] in grad_of]
+    want, emu_g, names, floors = ([x[i] for i in keep] for x in (want, emu_g, names, floors))
+    for g, w, n, f, we in zip(got, want, names, floors, emu_g):
         terms = B * H * Sq * Sk if n.startswith("d_leaf") else None
         check_close(g, w, dtype, grad=True, name=n, scale=f, terms=terms, cond=gcond, emulated=we,
                     emulation_factor=emulation_factor(position))

@@ -2,7 +2,7 @@
 the Triton interpreter against reference.varlen_attention in float64: batches of sequences with lengths 0, 1
 and block boundaries side by side, seqlen_q != seqlen_k per sequence, GQA, causal/window/softcap, alibi_slopes
 (per head or per sequence), positional encodings with per-token data (RoPE position_ids over total_k, learned
-phases (1, heads, total_k)), dtypes, layouts, value regimes; out, lse and gradients. Rows past
+phases (1, heads, total_k)), dtypes, layouts (cu_seqlens strided or at an offset too), value regimes; out, lse and gradients. Rows past
 cu_seqlens[-1] hold NaN/inf: their output must be 0, lse -inf, gradient 0, and nothing else may change.
 Inputs are bit-identical afterwards. The CUDA backend (the short-sequence forward) is fuzzed on a GPU by
 tests/test_fuzz_cuda.py with this file's case builder (``_varlen_case(..., device, cuda=True)``); not yet run on
@@ -94,6 +94,20 @@ def _varlen_case(data, backend, device=CPU, cuda=False):
     pad_fill = draw(st.sampled_from([float("nan"), float("inf")]), label="pad_fill")
 
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    # cu_seqlens' layout: contiguous, or every other entry of a buffer whose gaps hold a huge length / a view at
+    # storage offset 3 (the Triton kernels read strided cu_seqlens with unit stride: test_regressions_breakit_
+    # attention.py::test_triton_varlen_reads_strided_cu_seqlens_through_their_strides); cuda: contiguous
+    cu_layout = "contiguous" if cuda else draw(st.sampled_from(["strided", "contiguous", "offset"]),
+                                               label="cu_seqlens_layout")
+    if cu_layout != "contiguous":
+        def _lay(c):
+            n = c.numel()
+            buf = torch.full((2 * n,) if cu_layout == "strided" else (n + 3,), 2 ** 30, dtype=c.dtype)
+            view = buf[::2] if cu_layout == "strided" else buf[3:]
+            view.copy_(c)
+            return view
+        cu_q = _lay(cu_q)
+        cu_k = cu_q if packing == "qkv" else _lay(cu_k)
     max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
     wl, wr = (max_k + int(w[len("max_k+"):]) if isinstance(w, str) else w for w in (wl, wr))
     q = values((total_q, H, D), dtype, kind, gen)
