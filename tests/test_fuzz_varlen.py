@@ -96,9 +96,8 @@ def _varlen_case(data, backend, device=CPU, cuda=False):
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
     # cu_seqlens' layout: contiguous, or every other entry of a buffer whose gaps hold a huge length / a view at
     # storage offset 3 (the Triton kernels read strided cu_seqlens with unit stride: test_regressions_breakit_
-    # attention.py::test_triton_varlen_reads_strided_cu_seqlens_through_their_strides); cuda: contiguous
-    cu_layout = "contiguous" if cuda else draw(st.sampled_from(["strided", "contiguous", "offset"]),
-                                               label="cu_seqlens_layout")
+    # attention.py::test_triton_varlen_reads_strided_cu_seqlens_through_their_strides; _cuda.py copies them too)
+    cu_layout = draw(st.sampled_from(["strided", "contiguous", "offset"]), label="cu_seqlens_layout")
     if cu_layout != "contiguous":
         def _lay(c):
             n = c.numel()

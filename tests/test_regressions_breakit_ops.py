@@ -207,3 +207,37 @@ def test_kvcache_triton_cache_with_strided_head_dim_matches_reference(append):
             assert torch.equal(kca[b, int(cs[b]):int(cs[b]) + 2], k[b])
             assert torch.equal(vca[b, int(cs[b]):int(cs[b]) + 2], v[b])
         assert all(torch.isnan(bf[..., 1::2]).all() for bf in bufs)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("layout", ["block_table_transposed", "block_table_stride_2", "cache_batch_idx_stride_2"])
+def test_kvcache_triton_index_tensors_read_through_their_strides(layout):
+    """The Triton decode kernel indexed block_table's columns and cache_batch_idx with unit stride: a transposed
+    block_table (column stride = batch) picked wrong pages (out off by 0.56), every other column of a wider table
+    read the filler entries past the cache (the interpreter aborted). Found probing index-tensor layouts after the
+    fuzz audit; both are now copied when not contiguous."""
+    g = _gen(5)
+    if layout.startswith("block_table"):
+        q, kc, vc = _rn(g, 2, 1, 2, 16), _rn(g, 8, 16, 2, 16), _rn(g, 8, 16, 2, 16)
+        bt = torch.randperm(8, generator=g)[:6].reshape(2, 3).to(torch.int32)
+        cs = torch.tensor([20, 40], dtype=torch.int32)
+        if layout == "block_table_transposed":
+            view = bt.t().contiguous().t()
+        else:
+            wide = torch.full((2, 6), 10 ** 6, dtype=torch.int32)
+            view = wide[:, ::2]
+            view.copy_(bt)
+        want, want_lse = R.kvcache_attention(q, kc, vc, cs.long(), block_table=bt.long())
+        out, lse = posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cs, block_table=view,
+                                                   return_softmax_lse=True, backend="triton")
+    else:
+        q, kc, vc = _rn(g, 2, 1, 2, 16), _rn(g, 4, 20, 2, 16), _rn(g, 4, 20, 2, 16)
+        idx = torch.tensor([3, 1], dtype=torch.int32)
+        wide = torch.tensor([3, 10 ** 6, 1, 10 ** 6], dtype=torch.int32)
+        view = wide[::2]
+        cs = torch.tensor([7, 19], dtype=torch.int32)
+        want, want_lse = R.kvcache_attention(q, kc, vc, cs.long(), cache_batch_idx=idx.long())
+        out, lse = posattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=cs, cache_batch_idx=view,
+                                                   return_softmax_lse=True, backend="triton")
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), want_lse, atol=2e-5, rtol=2e-5)

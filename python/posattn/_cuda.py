@@ -67,6 +67,13 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _check_unit_last(op: str, name: str, t) -> None:
+    """A tensor the kernel writes (out, lse): given strides for every dim but the last, which must be 1."""
+    if t is not None and t.stride(-1) != 1 and t.shape[-1] != 1:
+        raise ValueError(f"{op}: {name} must have a unit stride in its last dim (the kernel writes rows), got "
+                         f"strides {tuple(t.stride())}")
+
+
 def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -299,6 +306,11 @@ def varlen_attention_fwd_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                  alibi_slopes=alibi_slopes, bias_table=bias_table, out=out, lse=lse)
     dt = _dtype("varlen_attention_fwd_cuda", "q", q, (torch.float16, torch.bfloat16))
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    # read by pointer with unit stride (a strided view made the Triton path read past the tensor: f4736b3)
+    cu_seqlens_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_seqlens_k = cu_seqlens_k.to(torch.int32).contiguous()
+    _check_unit_last("varlen_attention_fwd_cuda", "out", out)
+    _check_unit_last("varlen_attention_fwd_cuda", "lse", lse)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(0) % 2 or t.stride(1) % 2 or t.data_ptr() % 4:
             t = t.contiguous()  # the kernel moves 32-bit words (2 elements)
@@ -439,7 +451,11 @@ def lean_decode_cuda(q, k_cache, v_cache, seqlens_k, schedule, *, softmax_scale=
     C = _prepare("lean_decode_cuda", q=q, k_cache=k_cache, v_cache=v_cache, seqlens_k=seqlens_k,
                  block_table=block_table, alibi_slopes=alibi_slopes, inv_freq=inv_freq, out=out, lse=lse)
     dt = _dtype("lean_decode_cuda", "q", q, (torch.float16, torch.bfloat16))
-    q = _unit_last(q)
+    # the kernel takes strides for every dim but the last (head_dim: unit stride); a cache sliced in head_dim
+    # is read through a contiguous copy (posattn's Triton decode got such a cache wrong: 63a01cc)
+    q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
+    _check_unit_last("lean_decode_cuda", "out", out)
+    _check_unit_last("lean_decode_cuda", "lse", lse)
     B, N, H, D = q.shape
     Hk = k_cache.shape[2]
     sched = _schedule_tensors(schedule, q.device)
@@ -466,7 +482,7 @@ def lean_decode_cuda(q, k_cache, v_cache, seqlens_k, schedule, *, softmax_scale=
         rotary_dim = 2 * inv_freq.numel()
     bt_stride, page = 0, 0
     if block_table is not None:
-        block_table = block_table.to(torch.int32)
+        block_table = _unit_last(block_table.to(torch.int32))   # row stride given, entries contiguous
         bt_stride, page = block_table.stride(0), k_cache.shape[1]
     p = _params(C.DecodeParams, q=q.data_ptr(), k_cache=k_cache.data_ptr(), v_cache=v_cache.data_ptr(),
                 out=out.data_ptr(), lse=lse.data_ptr(), seqlens_k=seqlens_k.data_ptr(), block_table=_ptr(block_table),
@@ -524,6 +540,7 @@ def _eco(op, q_codes, k_codes, v, nbits, kv_lens, out, repo_form, linear):
     vv = _unit_last(v.reshape(B * H, Nk, Dv))
     if out is None:
         out = torch.empty((B, H, Nq, Dv), dtype=v.dtype, device=v.device)
+    _check_unit_last(op, "out", out)
     o = out.view(B * H, Nq, Dv)
     if kv_lens is not None:
         kv_lens = kv_lens.to(torch.int32).contiguous()

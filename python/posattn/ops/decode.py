@@ -512,6 +512,10 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     # negated views read through a copy with the sign applied (the append already went into the caches)
     q, k_cache, v_cache = _resolved(q), _resolved(k_cache), _resolved(v_cache)
     block_table, cache_batch_idx = _resolved(block_table), _resolved(cache_batch_idx)
+    # the kernel indexes block_table's columns and cache_batch_idx with unit stride (a transposed or sliced
+    # block_table gave wrong pages, or read past the tensor): small, so copied when needed
+    block_table = None if block_table is None else block_table.contiguous()
+    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
     q = q if q.stride(-1) == 1 else q.contiguous()
     # the kernel reads head_dim with unit stride (triton_kernels/lean_decode.py): a cache with another last-dim
     # stride (a slice [..., ::2] of a wider buffer) was read as unit-stride rows (garbage out, lse inf); such a
