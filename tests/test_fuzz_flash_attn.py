@@ -127,9 +127,11 @@ def _fa_case(data, backend):
     if lse_grad:
         fin = torch.isfinite(rl)
         rl_ = torch.where(fin, rl, torch.zeros((), dtype=rl.dtype))   # -inf rows: no lse path (NaN-free 0 * x)
-        want = [torch.zeros_like(t) if g is None else g for t, g in
-                zip(theirs, torch.autograd.grad([ro, rl_], theirs, [dout.double(), dlse.double()],
-                                                allow_unused=True))]
+        # outputs the reference left unattached (nothing to differentiate, e.g. seqlen_q 0) carry no gradient
+        pairs = [(o, g) for o, g in ((ro, dout.double()), (rl_, dlse.double())) if o.requires_grad]
+        want = [torch.zeros_like(t) for t in theirs] if not pairs else [
+            torch.zeros_like(t) if g is None else g for t, g in
+            zip(theirs, torch.autograd.grad([o for o, _ in pairs], theirs, [g for _, g in pairs], allow_unused=True))]
         emu_g = [None] * len(want)
     else:
         want = grads(ro, theirs, dout.double())

@@ -210,3 +210,22 @@ def test_ecoformer_triton_no_key_with_queries(causal):
     v = torch.randn(1, 3, 0, 8, dtype=torch.float16)
     out = posattn.ecoformer_attention(q, k, v, causal=causal, backend="triton")
     assert torch.equal(out, torch.zeros(1, 3, 2, 8, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("seqlens", [(0, 0), (0, 3), (3, 0)])
+def test_flash_attn_kvpacked_loss_through_lse_with_empty_sequences(seqlens):
+    """Deep fuzz, loss through the returned lse (torch backend): kv-packed, seqlen_q = seqlen_k = 0, head_dim 1,
+    float32, seed 0 raised 'element 1 of tensors does not require grad' on the test's float64 side (an empty
+    reference lse is not attached). The op's side: out and lse attached, gradients zero with the inputs' shapes."""
+    Sq, Sk = seqlens
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, Sq, 1, 1, generator=g).requires_grad_(True)
+    kv = torch.randn(1, Sk, 2, 1, 1, generator=g).requires_grad_(True)
+    out, lse, _ = posattn.flash_attn_kvpacked_func(q, kv, return_attn_probs=True, backend="torch")
+    assert out.requires_grad and lse.requires_grad
+    dlse = torch.randn(lse.shape, generator=g).masked_fill(~torch.isfinite(lse), 0.0)   # -inf rows: no lse path
+    dq, dkv = torch.autograd.grad([out, lse], [q, kv], [torch.randn(out.shape, generator=g), dlse],
+                                  allow_unused=True)
+    for name, t, grad in (("dq", q, dq), ("dkv", kv, dkv)):
+        grad = torch.zeros_like(t) if grad is None else grad
+        assert grad.shape == t.shape and torch.equal(grad, torch.zeros_like(t)), name
