@@ -7,8 +7,9 @@ leaves a choice to a GPU: head_dim 256 with learned phases (LearnedPhaseRoPE) on
   instead of wgmma, twice the dq programs (each reads all of K and V) and twice the dk/dv programs.
 
 Both run the same inputs in one process; the script prints and writes (``--out``) the median backward time of
-each (triton.testing.do_bench), their ratio and the largest difference between their gradients. Needs a
-CUDA device: elsewhere it says so and exits 0 (``--list`` prints what it would run and touches nothing).
+each (posattn.benchmarks.harness.time_fn, as every bench here), their ratio and the largest difference between
+their gradients. Needs a CUDA device: elsewhere it says so and exits 0 (``--list`` prints what it would run and
+touches nothing).
 
     python bench/bench_config_ab.py --out ab.json      # in bench/gpu_check.sh
 """
@@ -44,11 +45,12 @@ def main(argv=None) -> int:
         print("bench_config_ab: skipped, no CUDA device (it compares GPU launch configs)")
         return 0
 
-    import triton.testing
     import posattn
+    from posattn.benchmarks.harness import device_name, time_fn
     import posattn.triton_kernels.fused_attention as fa
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    dev = torch.device("cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(a.batch, a.seqlen, a.heads, 256, device="cuda", dtype=dt, generator=g)
                .requires_grad_(True) for _ in range(3))
@@ -65,12 +67,12 @@ def main(argv=None) -> int:
             def bwd():
                 return torch.autograd.grad(out, (q, k, v, freqs), dout, retain_graph=True)
             grads[name] = bwd()
-            results[name] = triton.testing.do_bench(bwd, warmup=25, rep=200, return_mode="median")
+            results[name] = time_fn(bwd, dev).median_ms
     finally:
         fa.BWD_CONFIGS[(256, "phases")] = base
     diff = {n: max((x.float() - y.float()).abs().max().item() for x, y in zip(grads["default"], grads[n]))
             for n in grads}
-    rec = dict(device=torch.cuda.get_device_name(), shape=shape, backward_ms=results,
+    rec = dict(device=device_name(dev), shape=shape, backward_ms=results,
                ratio_no_spill_over_default=results["no_spill"] / results["default"], max_grad_diff=diff)
     print(json.dumps(rec, indent=2))
     if a.out:
