@@ -417,13 +417,18 @@ def grad_floor(ref_grads, names, base=("dq", "dk", "dv"), positions=1):
 
 def grads(outputs, inputs, grad_outputs):
     """torch.autograd.grad with zeros for inputs not reached (the fuzz tests assert separately that an op's
-    output is attached to the graph when its inputs require grad)."""
+    output is attached to the graph when its inputs require grad). ``outputs`` / ``grad_outputs``: a tensor
+    each, or lists of them; an output that is not attached (e.g. a reference with nothing to compute, which
+    returns plain zeros) carries no gradient."""
     inputs = list(inputs)
     if not inputs:
         return []
-    if not outputs.requires_grad:  # e.g. a reference with nothing to compute returns plain zeros
+    if isinstance(outputs, torch.Tensor):
+        outputs, grad_outputs = [outputs], [grad_outputs]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    if not pairs:
         return [torch.zeros_like(t) for t in inputs]
-    g = torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    g = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
     return [torch.zeros_like(t) if x is None else x for t, x in zip(inputs, g)]
 
 

@@ -117,9 +117,8 @@ def _fa_case(data, backend):
         if lse_grad:
             # rows with lse = -inf (no visible key) get no lse gradient (0 there)
             dlse = values(lse.shape, torch.float32, "unit", gen).masked_fill(~torch.isfinite(rl), 0.0)
-            wrt = ours + leaves
-            got = [torch.zeros_like(t) if g is None else g for t, g in
-                   zip(wrt, torch.autograd.grad([out, lse], wrt, [dout, dlse], allow_unused=True))]
+            assert lse.requires_grad, "lse is detached from the inputs' graph"
+            got = grads([out, lse], ours + leaves, [dout, dlse])
         else:
             got = grads(out, ours + leaves, dout)
     # the reference's gradients of all of q, k, v (the floors need the siblings: dq is exactly 0 with one key)
@@ -127,11 +126,8 @@ def _fa_case(data, backend):
     if lse_grad:
         fin = torch.isfinite(rl)
         rl_ = torch.where(fin, rl, torch.zeros((), dtype=rl.dtype))   # -inf rows: no lse path (NaN-free 0 * x)
-        # outputs the reference left unattached (nothing to differentiate, e.g. seqlen_q 0) carry no gradient
-        pairs = [(o, g) for o, g in ((ro, dout.double()), (rl_, dlse.double())) if o.requires_grad]
-        want = [torch.zeros_like(t) for t in theirs] if not pairs else [
-            torch.zeros_like(t) if g is None else g for t, g in
-            zip(theirs, torch.autograd.grad([o for o, _ in pairs], theirs, [g for _, g in pairs], allow_unused=True))]
+        # an output the reference left unattached (e.g. seqlen_q 0) carries no gradient (grads skips it)
+        want = grads([ro, rl_], theirs, [dout.double(), dlse.double()])
         emu_g = [None] * len(want)
     else:
         want = grads(ro, theirs, dout.double())
