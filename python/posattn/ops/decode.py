@@ -15,8 +15,8 @@ import torch
 
 from .. import _backends
 from .. import reference as _ref
-from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_disjoint, check_float, check_int, check_no_overlap,
-                       check_same, check_tensor, check_window, dtype_name)
+from .._checks import (FLOAT_DTYPES, Dims, check_choice, check_disjoint, check_float, check_int,
+                       check_last_dim_contiguous, check_no_overlap, check_same, check_tensor, check_window, dtype_name)
 from ..ops_registry import register
 from ..scheduling import MAX_CTAS
 
@@ -516,11 +516,11 @@ def _run_triton(a, q, k_cache, v_cache, block_table, cache_batch_idx):
     # block_table gave wrong pages, or read past the tensor): small, so copied when needed
     block_table = None if block_table is None else block_table.contiguous()
     cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
-    q = q if q.stride(-1) == 1 else q.contiguous()
     # the kernel reads head_dim with unit stride (triton_kernels/lean_decode.py): a cache with another last-dim
     # stride (a slice [..., ::2] of a wider buffer) was read as unit-stride rows (garbage out, lse inf); such a
     # cache is read through a copy (the append already went into the caller's cache)
-    k_cache, v_cache = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (k_cache, v_cache))
+    q, k_cache, v_cache = (check_last_dim_contiguous(n, t) for n, t in (("q", q), ("k_cache", k_cache),
+                                                                        ("v_cache", v_cache)))
     group = a["H"] // a["Hk"]
     block_m = pick_block_m(a["Sq"] * group)
     block_n = default_block_n(a["D"])
