@@ -278,6 +278,8 @@ CASES = [
     ("kvcache_seqlens_int64", F.flash_attn_with_kvcache, lambda: _kv(cache_seqlens=_cu(3, 5, dtype=i64)), TypeError,
      "cache_seqlens"),
     ("kvcache_k_without_v", F.flash_attn_with_kvcache, lambda: _kv(v=None), ValueError, "k, v"),
+    ("kvcache_head_dim_0", F.flash_attn_with_kvcache,   # raised ZeroDivisionError from the default scale
+     lambda: _kv(q=r(2, 1, 4, 0), k_cache=r(2, 8, 2, 0), v_cache=r(2, 8, 2, 0), k=None, v=None), ValueError, "head_dim"),
     ("kvcache_heads_not_divisible", F.flash_attn_with_kvcache,
      lambda: _kv(q=r(2, 1, 3, 16)), ValueError, "k_cache"),
     ("kvcache_block_table_out_of_range", F.flash_attn_with_kvcache,

@@ -53,7 +53,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ----------
     q : Tensor (batch_size, seqlen_q, num_heads, head_dim), fp16/bf16/fp32
         New queries; unit stride in head_dim needed by the Triton kernel (copied once otherwise).
-        head_dim <= 256. float64 is refused (TypeError) on every backend, the torch one included (it
+        1 <= head_dim <= 256 (else ValueError). float64 is refused (TypeError) on every backend, the torch one included (it
         accumulates in fp32), unlike ``flash_attn_func`` whose torch backend takes float64.
     k_cache, v_cache : Tensor, same dtype and device as q
         Contiguous cache (batch_size_cache, seqlen_cache, num_heads_k, head_dim), or, with
@@ -244,8 +244,8 @@ def _validate(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     Hk = k_cache.shape[2]
     if H % Hk != 0:
         raise ValueError(f"k_cache: num_heads={H} (q) must be a multiple of num_heads_k={Hk} (k_cache)")
-    if D > 256:
-        raise ValueError(f"q: expected head_dim <= 256, got {D}")
+    if D > 256 or D < 1:   # head_dim 0 raised ZeroDivisionError from the default scale (as varlen: refused)
+        raise ValueError(f"q: expected 1 <= head_dim <= 256, got {D}")
     if cache_leftpad is not None:
         if paged:
             raise ValueError("cache_leftpad: not supported together with block_table (paged cache), as in "
