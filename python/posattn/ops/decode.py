@@ -53,8 +53,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     ----------
     q : Tensor (batch_size, seqlen_q, num_heads, head_dim), fp16/bf16/fp32
         New queries; unit stride in head_dim needed by the Triton kernel (copied once otherwise).
-        1 <= head_dim <= 256 (else ValueError). float64 is refused (TypeError) on every backend, the torch one included (it
-        accumulates in fp32), unlike ``flash_attn_func`` whose torch backend takes float64.
+        1 <= head_dim <= 256 (else ValueError). float64 is refused (TypeError) on every backend, the torch
+        one included (it accumulates in fp32), unlike ``flash_attn_func`` whose torch backend takes float64.
     k_cache, v_cache : Tensor, same dtype and device as q
         Contiguous cache (batch_size_cache, seqlen_cache, num_heads_k, head_dim), or, with
         ``block_table``, a paged cache (num_blocks, page_block_size, num_heads_k, head_dim).
