@@ -194,10 +194,7 @@ def grad_output(data, shape, dtype, gen: torch.Generator) -> torch.Tensor:
     if layout == "expanded":
         return values((), dtype, "unit", gen).expand(shape)
     if layout == "strided" and shape:
-        buf = torch.full((*shape[:-1], 2 * shape[-1]), float("nan"), dtype=dtype)
-        view = buf[..., ::2]
-        view.copy_(values(shape, dtype, "unit", gen))
-        return view
+        return with_layout(values(shape, dtype, "unit", gen), "strided")
     return values(shape, dtype, "unit", gen)
 
 
@@ -205,8 +202,9 @@ def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     """The same values in another memory layout (a leaf without grad).
 
     contiguous: a copy; permuted: memory order of the first two dims swapped (unit last-dim stride kept);
-    offset: a view at storage offset 3 of a NaN-filled buffer; strided: every other element of the last
-    dim of a NaN-filled buffer (last-dim stride 2; the gaps hold NaN, so reading them shows)."""
+    offset: a view at storage offset 3 of a filled buffer; strided: every other element of the last dim of a
+    filled buffer (last-dim stride 2). The fill is NaN for float tensors, 2**30 for integer ones (an index or
+    length far out of range), so reading the gaps shows."""
     t = t.detach()
     if layout == "contiguous" or t.dim() == 0:
         return t.clone()
@@ -214,13 +212,14 @@ def with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         if t.dim() < 2:
             return t.clone()
         return t.transpose(0, 1).contiguous().transpose(0, 1)
+    fill = float("nan") if t.is_floating_point() else 2 ** 30
     if layout == "offset":
-        buf = torch.full((t.numel() + 3,), float("nan"), dtype=t.dtype)
+        buf = torch.full((t.numel() + 3,), fill, dtype=t.dtype)
         view = buf[3:].view(t.shape)
         view.copy_(t)
         return view
     if layout == "strided":
-        buf = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1],), float("nan"), dtype=t.dtype)
+        buf = torch.full(tuple(t.shape[:-1]) + (2 * t.shape[-1],), fill, dtype=t.dtype)
         view = buf[..., ::2]
         view.copy_(t)
         return view

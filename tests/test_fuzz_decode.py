@@ -32,16 +32,6 @@ from hypothesis_profiles import examples
 TABLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _int_strided(t):
-    """t's values as every other entry of the last dim of a wider int buffer whose gaps hold 2**30 (None: None)."""
-    if t is None:
-        return None
-    buf = torch.full((*t.shape[:-1], 2 * t.shape[-1]), 2 ** 30, dtype=t.dtype)
-    view = buf[..., ::2]
-    view.copy_(t)
-    return view
-
-
 def _decode_case(data, backend, device=CPU, cuda=False):
     """One decode case, built on CPU from the drawn seed and run on ``device`` (tensors copied with their layout,
     NaN/inf in the invalid cache slots included). ``cuda``: only what the CUDA kernel (csrc/lean_decode.cu,
@@ -222,9 +212,10 @@ def _decode_case(data, backend, device=CPU, cuda=False):
     # Triton kernel indexed block_table's columns and cache_batch_idx with unit stride: test_regressions_breakit_
     # ops.py::test_kvcache_triton_index_tensors_read_through_their_strides)
     if draw(st.sampled_from(["contiguous", "contiguous", "strided"]), label="index_layout") == "strided":
-        bidx, leftpad, block_table = (_int_strided(t) for t in (bidx, leftpad, block_table))
+        bidx, leftpad, block_table = (None if t is None else with_layout(t, "strided")
+                                      for t in (bidx, leftpad, block_table))
         if isinstance(cache_seqlens, torch.Tensor):
-            cache_seqlens = _int_strided(cache_seqlens)
+            cache_seqlens = with_layout(cache_seqlens, "strided")
     q, k_cache, v_cache, k_new, v_new, bidx, leftpad, block_table, out_buf = (
         to_device(t, device) for t in (q, k_cache, v_cache, k_new, v_new, bidx, leftpad, block_table, out_buf))
     if isinstance(cache_seqlens, torch.Tensor):

@@ -99,14 +99,8 @@ def _varlen_case(data, backend, device=CPU, cuda=False):
     # attention.py::test_triton_varlen_reads_strided_cu_seqlens_through_their_strides; _cuda.py copies them too)
     cu_layout = draw(st.sampled_from(["strided", "contiguous", "offset"]), label="cu_seqlens_layout")
     if cu_layout != "contiguous":
-        def _lay(c):
-            n = c.numel()
-            buf = torch.full((2 * n,) if cu_layout == "strided" else (n + 3,), 2 ** 30, dtype=c.dtype)
-            view = buf[::2] if cu_layout == "strided" else buf[3:]
-            view.copy_(c)
-            return view
-        cu_q = _lay(cu_q)
-        cu_k = cu_q if packing == "qkv" else _lay(cu_k)
+        cu_q = with_layout(cu_q, cu_layout)
+        cu_k = cu_q if packing == "qkv" else with_layout(cu_k, cu_layout)
     max_q, max_k = max(lens_q) + slack, max(lens_k) + slack
     wl, wr = (max_k + int(w[len("max_k+"):]) if isinstance(w, str) else w for w in (wl, wr))
     q = values((total_q, H, D), dtype, kind, gen)
