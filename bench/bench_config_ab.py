@@ -16,7 +16,6 @@ touches nothing).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -46,7 +45,7 @@ def main(argv=None) -> int:
         return 0
 
     import posattn
-    from posattn.benchmarks.harness import device_name, time_fn
+    from posattn.benchmarks.harness import device_name, emit_json, time_fn
     import posattn.triton_kernels.fused_attention as fa
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
@@ -74,10 +73,7 @@ def main(argv=None) -> int:
             for n in grads}
     rec = dict(device=device_name(dev), shape=shape, backward_ms=results,
                ratio_no_spill_over_default=results["no_spill"] / results["default"], max_grad_diff=diff)
-    print(json.dumps(rec, indent=2))
-    if a.out:
-        with open(a.out, "w") as fh:
-            json.dump(rec, fh, indent=2)
+    emit_json(rec, a.out)
     return 0
 
 

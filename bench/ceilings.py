@@ -5,11 +5,10 @@ ones TFLOP/s against the second.
     python bench/ceilings.py [--out ceilings.json]
 """
 import argparse
-import json
 
 import torch
 
-from posattn.benchmarks.harness import copy_bandwidth, device_name, time_fn
+from posattn.benchmarks.harness import copy_bandwidth, device_name, emit_json, time_fn
 
 
 def main() -> int:
@@ -27,10 +26,7 @@ def main() -> int:
     tflops = 2 * m ** 3 / (t2.median_ms * 1e-3) / 1e12
     res = {"device": device_name(dev), "copy_GBps": round(copy_gbps, 1),
            f"matmul_{str(dt).replace('torch.', '')}_TFLOPs": round(tflops, 2)}
-    print(json.dumps(res, indent=1))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(res, fh, indent=1)
+    emit_json(res, args.out)
     return 0
 
 

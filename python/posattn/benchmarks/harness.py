@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import datetime as _dt
 import gc
+import json
 import os
 import platform
 import statistics
@@ -316,6 +317,15 @@ def fill_ratios(results: list[Result]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Environment and output
 # ---------------------------------------------------------------------------------------------
+def emit_json(record: dict, path: str | None = None) -> None:
+    """Print ``record`` as indented JSON and, when ``path`` is given, write it there too (bench scripts' --out)."""
+    text = json.dumps(record, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
