@@ -2,7 +2,7 @@
 the float64 reference, on a GPU. **Not yet run on a GPU**: written without one; on CPU only the harness
 self-check below has run.
 
-One hypothesis test per op (marked ``gpu``: skipped without CUDA, run by bench/gpu_check.sh's ``gpu_tests``
+One hypothesis test per op (``test_fuzz_cuda[op]``, marked ``gpu``: skipped without CUDA, run by bench/gpu_check.sh's ``gpu_tests``
 stage, and at depth by its ``--deep-fuzz N`` stage). Each runs the CPU fuzz file's case builder for that op with
 ``device`` (tensors built on CPU from the drawn seed, then copied to the GPU with their layout, NaN gaps
 included: ``fuzz_helpers.to_device``) and ``cuda=True``, which narrows the drawn options to what the CUDA
@@ -23,8 +23,8 @@ on CPU (a few examples), so CI proves that they make valid cases and that the ch
 backend, and runs each case through the op's ``backend="cuda"`` host-side checks (``fuzz_helpers.cuda_probe``),
 so a case the CUDA backend would refuse fails here rather than on the GPU.
 
-The GPU tests carry ``@pytest.mark.gpu`` one by one: a module-level ``pytestmark`` would mark the CPU
-self-check too. Their ci counts (25-30 examples each) are sized from the CPU self-check's time per example
+The GPU test carries ``@pytest.mark.gpu`` itself: a module-level ``pytestmark`` would mark the CPU
+self-check too. Its ci count (25 examples per op) is sized from the CPU self-check's time per example
 (mostly the float64 reference on CPU), not measured on a GPU.
 
 Deep run on a GPU: ``bash bench/gpu_check.sh OUT --deep-fuzz N`` (N examples per test), or
@@ -44,56 +44,23 @@ from test_fuzz_unpad import _pad_case, _unpad_case
 from test_fuzz_varlen import _varlen_case
 
 
-# the tests: backend "cuda" on a GPU (device fixture: "cuda" there; skipped without one), the most intricate
-# kernels first (a deep run stopped at its time cap has given them the most examples) ...
+# the builders, the most intricate kernels first (a deep run stopped at its time cap has given them the most
+# examples)
+_CASES = {"kvcache": _decode_case, "varlen": _varlen_case, "ecoformer": _eco_case, "rotary": _rotary_case,
+          "unpad_input": _unpad_case, "pad_input": _pad_case}
+
+
+# the tests: backend "cuda" on a GPU (device fixture: "cuda" there; skipped without one) ...
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", list(_CASES))
 @given(data=st.data())
 @examples(25)
-def test_fuzz_cuda_kvcache(data, device):
-    _decode_case(data, "cuda", device, cuda=True)
-
-
-@pytest.mark.gpu
-@given(data=st.data())
-@examples(25)
-def test_fuzz_cuda_varlen(data, device):
-    _varlen_case(data, "cuda", device, cuda=True)
-
-
-@pytest.mark.gpu
-@given(data=st.data())
-@examples(25)
-def test_fuzz_cuda_ecoformer(data, device):
-    _eco_case(data, "cuda", device, cuda=True)
-
-
-@pytest.mark.gpu
-@given(data=st.data())
-@examples(30)
-def test_fuzz_cuda_rotary(data, device):
-    _rotary_case(data, "cuda", device, cuda=True)
-
-
-@pytest.mark.gpu
-@given(data=st.data())
-@examples(25)
-def test_fuzz_cuda_unpad_input(data, device):
-    _unpad_case(data, "cuda", device, cuda=True)
-
-
-@pytest.mark.gpu
-@given(data=st.data())
-@examples(25)
-def test_fuzz_cuda_pad_input(data, device):
-    _pad_case(data, "cuda", device, cuda=True)
+def test_fuzz_cuda(op, data, device):
+    _CASES[op](data, "cuda", device, cuda=True)
 
 
 # ... and the harness self-check: the same builders, backend "torch" on CPU (not gpu-marked)
-
-_CASES = {"rotary": _rotary_case, "unpad_input": _unpad_case, "pad_input": _pad_case, "varlen": _varlen_case,
-          "kvcache": _decode_case, "ecoformer": _eco_case}
-
 
 @pytest.mark.parametrize("op", list(_CASES))
 @given(data=st.data())
